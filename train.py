@@ -1,0 +1,206 @@
+"""Train the CVAE on MNIST and write a checkpoint.
+
+    python train.py                      # 10 epochs, batch 100, Adam 1e-3, latent 2 -> cvae.ckpt
+    python train.py --resume             # continue the same run from its last per-epoch checkpoint
+
+Per-epoch checkpoints (last.ckpt) and a CSV metrics log go under --run-dir.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import pytorch_lightning as pl
+from pytorch_lightning.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
+from pytorch_lightning.loggers import CSVLogger
+
+from common import (AtomicCheckpointIO, ArgParser, CheckpointError, UsageError, bounded, check_data_dir,
+                    check_output_file, fail, safe_torch_load)
+from dataset import DataError, MNISTDataModule
+
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")
+
+
+def quiet_lightning() -> None:
+    """Drop Lightning's advertising tip and a torch-internal deprecation warning; keep its device report."""
+    logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(
+        lambda record: not str(record.msg).startswith("\N{ELECTRIC LIGHT BULB}"))
+    warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
+    warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
+
+
+def build_parser() -> ArgParser:
+    p = ArgParser(description="Train a conditional VAE on MNIST.",
+                  formatter_class=lambda prog: __import__("argparse").ArgumentDefaultsHelpFormatter(prog, width=100))
+    g = p.add_argument_group("model and objective")
+    g.add_argument("--latent-dim", type=bounded(int, 1), default=2, help="size of z")
+    g.add_argument("--kl-weight", type=bounded(float, 0), default=1.0, help="beta: weight of the KL term "
+                   "(0 = the original plain-MSE autoencoder)")
+    g.add_argument("--kl-warmup-epochs", type=bounded(float, 0), default=0.0,
+                   help="ramp beta linearly from 0 over this many epochs (0 = off)")
+    g.add_argument("--free-bits", type=bounded(float, 0), default=0.0,
+                   help="minimum KL per latent dimension in nats, in the training objective (0 = off)")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=bounded(int, 1), default=10, help="number of epochs")
+    g.add_argument("--batch-size", type=bounded(int, 1), default=100, help="batch size (per process)")
+    g.add_argument("--lr", type=bounded(float, 0, low_open=True), default=1e-3, help="Adam learning rate")
+    g.add_argument("--seed", type=bounded(int, 0), default=0, help="random seed (weights, split, shuffling)")
+    g = p.add_argument_group("data")
+    g.add_argument("--data-dir", type=Path, default=Path("data"), help="where MNIST is (or is written)")
+    g.add_argument("--val-size", type=bounded(int, 1, 59_999), default=5_000,
+                   help="validation images held out of the 60k training set")
+    g.add_argument("--train-size", type=bounded(int, 1), default=None,
+                   help="use only this many training images (quick experiments)")
+    g = p.add_argument_group("output")
+    g.add_argument("--ckpt", type=Path, default=Path("cvae.ckpt"), help="final checkpoint")
+    g.add_argument("--run-dir", type=Path, default=Path("runs/cvae"),
+                   help="per-epoch checkpoints (checkpoints/last.ckpt) and CSV logs")
+    g.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoints/last.ckpt")
+    g = p.add_argument_group("hardware (passed to the Lightning Trainer)")
+    g.add_argument("--accelerator", choices=ACCELERATORS, default="auto", help="device type")
+    g.add_argument("--devices", default="auto", help="number of devices, a list like 0,1, or auto")
+    g.add_argument("--strategy", default="auto", help="e.g. ddp, ddp_spawn, auto")
+    g.add_argument("--num-nodes", type=bounded(int, 1), default=1, help="machines for multi-node training")
+    g.add_argument("--precision", default="32-true", help="e.g. 32-true, bf16-mixed, 16-mixed")
+    g.add_argument("--num-threads", type=bounded(int, 1), default=None,
+                   help="CPU threads for torch (default: torch's choice)")
+    g = p.add_argument_group("debugging")
+    g.add_argument("--limit-train-batches", type=bounded(int, 1), default=None,
+                   help="train on this many batches per epoch")
+    g.add_argument("--limit-val-batches", type=bounded(int, 0), default=None,
+                   help="validate on this many batches per epoch")
+    g.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    return p
+
+
+def parse_args(argv: list[str] | None = None):
+    args = build_parser().parse_args(argv)
+    try:
+        check_data_dir(args.data_dir)
+        check_output_file(args.ckpt, "checkpoint")
+        check_output_file(args.run_dir / "checkpoints" / "last.ckpt", "run dir")
+        if args.train_size is not None and args.train_size > 60_000 - args.val_size:
+            raise UsageError(f"--train-size {args.train_size} exceeds the {60_000 - args.val_size} training images "
+                             f"left after --val-size {args.val_size}")
+        if args.resume and not last_checkpoint(args.run_dir).is_file():
+            raise UsageError(f"--resume: no checkpoint at {last_checkpoint(args.run_dir)}; "
+                             f"start a run without --resume")
+    except UsageError as err:
+        fail(str(err), code=2)
+    return args
+
+
+def last_checkpoint(run_dir: Path) -> Path:
+    return run_dir / "checkpoints" / "last.ckpt"
+
+
+class RNGState(Callback):
+    """Saves the global torch RNG in per-epoch checkpoints and restores it on --resume, so an interrupted run
+    continues with the same dropout and z noise as an uninterrupted one."""
+
+    def state_dict(self) -> dict:
+        state = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        torch.set_rng_state(state_dict["torch"])
+        if "cuda" in state_dict and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state_dict["cuda"])
+
+
+class EpochSummary(Callback):
+    """One line per epoch with the train and validation terms."""
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self.start = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        m = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        parts = [f"{name} {m[name]:.2f}" for name in ("train_loss", "train_recon", "train_kl",
+                                                      "val_loss", "val_recon", "val_kl") if name in m]
+        print(f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}: " + ", ".join(parts)
+              + f" ({time.perf_counter() - self.start:.1f}s)", flush=True)
+
+
+def build_trainer(args, callbacks: list[Callback] | None = None) -> pl.Trainer:
+    checkpoint = ModelCheckpoint(dirpath=args.run_dir / "checkpoints", save_last=True, save_top_k=0)
+    return pl.Trainer(
+        max_epochs=args.epochs,
+        accelerator=args.accelerator, devices=args.devices, strategy=args.strategy, num_nodes=args.num_nodes,
+        precision=args.precision,
+        logger=CSVLogger(save_dir=str(args.run_dir), name="logs"),
+        callbacks=[checkpoint, RNGState(), EpochSummary(), *(callbacks or []),
+                   *([] if args.no_progress else [TQDMProgressBar(refresh_rate=10)])],
+        plugins=[AtomicCheckpointIO()],
+        # The data module shards its batch sampler across processes itself (see dataset.BatchIndexSampler).
+        use_distributed_sampler=False,
+        limit_train_batches=args.limit_train_batches, limit_val_batches=args.limit_val_batches,
+        enable_progress_bar=not args.no_progress, enable_model_summary=False,
+        log_every_n_steps=50,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from model import CVAE
+
+    quiet_lightning()
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
+    pl.seed_everything(args.seed, workers=True, verbose=False)
+    try:
+        trainer = build_trainer(args)
+    except (ValueError, RuntimeError) as err:  # e.g. an unknown strategy or precision, or no such GPU
+        fail(f"cannot set up the trainer: {err}", code=2)
+    # On CUDA the data set is moved to the device once; elsewhere batches stay in host memory.
+    device = trainer.strategy.root_device
+    data = MNISTDataModule(args.data_dir, batch_size=args.batch_size, val_size=args.val_size, seed=args.seed,
+                           train_size=args.train_size, device=device if device.type == "cuda" else None)
+    model = CVAE(latent_dim=args.latent_dim, lr=args.lr, kl_weight=args.kl_weight,
+                 kl_warmup_epochs=args.kl_warmup_epochs, free_bits=args.free_bits)
+    if trainer.is_global_zero:
+        print(f"Device: {device} ({trainer.num_devices} device(s) x {trainer.num_nodes} node(s), "
+              f"precision {args.precision}, {torch.get_num_threads()} CPU threads)", flush=True)
+
+    ckpt_path = None
+    if args.resume:
+        ckpt_path = last_checkpoint(args.run_dir)
+        try:
+            done = safe_torch_load(ckpt_path)["epoch"] + 1
+        except (CheckpointError, KeyError) as err:
+            fail(f"cannot resume: {err}")
+        print(f"Resuming from {ckpt_path} (epoch {done} done)", flush=True)
+    try:
+        trainer.fit(model, datamodule=data, ckpt_path=ckpt_path)
+    except DataError as err:
+        fail(str(err))
+    except SystemExit:
+        # Lightning turns Ctrl-C into a graceful shutdown followed by sys.exit(1).
+        if trainer.interrupted and trainer.is_global_zero:
+            saved = last_checkpoint(args.run_dir)
+            state = f"the last finished epoch is saved in {saved}" if saved.exists() else "no epoch had finished"
+            print(f"Interrupted: {state}. Continue with: python train.py --resume"
+                  + (f" --run-dir {args.run_dir}" if args.run_dir != Path("runs/cvae") else ""), file=sys.stderr)
+        return 130
+    trainer.test(model, datamodule=data, verbose=False)
+    if trainer.is_global_zero:
+        m = trainer.callback_metrics
+        print(f"test: loss {float(m['test_loss']):.2f}, recon {float(m['test_recon']):.2f} "
+              f"(MSE per pixel {float(m['test_recon']) / model.image_dim:.4f}), kl {float(m['test_kl']):.2f}")
+    # Model weights, hyper-parameters and the fitted prior; no optimizer state (resume uses last.ckpt).
+    trainer.save_checkpoint(args.ckpt, weights_only=True)  # atomic (AtomicCheckpointIO); rank 0 writes
+    if trainer.is_global_zero:
+        print(f"Wrote {args.ckpt}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
