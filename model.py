@@ -107,7 +107,7 @@ class CVAE(pl.LightningModule):
         self.image_dim = image_size * image_size
         self.encoder = Encoder(self.image_dim, num_classes, encoder_dims, latent_dim, dropout)
         self.decoder = Decoder(latent_dim, num_classes, decoder_dims, self.image_dim, dropout)
-        # A density over z fitted after training (see fit_prior.py); plain tensors, saved in the checkpoint.
+        # A density over z fitted after training (see prior.py); plain tensors, saved in the checkpoint.
         self.fitted_prior: dict[str, Any] | None = None
 
     # ----- input handling -------------------------------------------------------------------------------------
@@ -175,7 +175,7 @@ class CVAE(pl.LightningModule):
         if prior not in PRIORS:
             raise ValueError(f"prior must be one of {('auto',) + PRIORS}, got {prior!r}")
         if prior == "fitted" and self.fitted_prior is None:
-            raise ValueError("this model has no fitted prior (train with fitting enabled, or run fit_prior.py)")
+            raise ValueError("this model has no fitted prior (train.py fits one unless --prior none)")
         return prior
 
     @torch.no_grad()
@@ -243,7 +243,12 @@ class CVAE(pl.LightningModule):
             checkpoint["fitted_prior"] = self.fitted_prior
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.fitted_prior = checkpoint.get("fitted_prior")
+        prior = checkpoint.get("fitted_prior")
+        if prior is not None:
+            from prior import check_prior
+
+            check_prior(prior, self.hparams.num_classes, self.hparams.latent_dim)
+        self.fitted_prior = prior
 
 
 def sample_fitted_prior(prior: dict[str, Any], labels: torch.Tensor, generator: torch.Generator | None = None

@@ -21,6 +21,7 @@ from pytorch_lightning.loggers import CSVLogger
 from common import (AtomicCheckpointIO, ArgParser, CheckpointError, UsageError, bounded, check_data_dir,
                     check_output_file, fail, safe_torch_load)
 from dataset import DataError, MNISTDataModule
+from prior import PRIOR_KINDS, fit_gmm_prior, posterior_means
 
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")
 
@@ -44,6 +45,10 @@ def build_parser() -> ArgParser:
                    help="ramp beta linearly from 0 over this many epochs (0 = off)")
     g.add_argument("--free-bits", type=bounded(float, 0), default=0.0,
                    help="minimum KL per latent dimension in nats, in the training objective (0 = off)")
+    g.add_argument("--prior", choices=(*PRIOR_KINDS, "none"), default="per-class",
+                   help="after training, fit a Gaussian mixture to the training codes for sampling "
+                        "(per digit, or one for all digits)")
+    g.add_argument("--prior-components", type=bounded(int, 1), default=1, help="mixture components of that prior")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=bounded(int, 1), default=10, help="number of epochs")
     g.add_argument("--batch-size", type=bounded(int, 1), default=100, help="batch size (per process)")
@@ -190,6 +195,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"Interrupted: {state}. Continue with: python train.py --resume"
                   + (f" --run-dir {args.run_dir}" if args.run_dir != Path("runs/cvae") else ""), file=sys.stderr)
         return 130
+    if args.prior != "none":
+        train_set = data.splits["train"]
+        z = posterior_means(model, train_set.images, train_set.labels)
+        model.fitted_prior = fit_gmm_prior(z, train_set.labels.cpu(), model.hparams.num_classes, args.prior,
+                                           args.prior_components, seed=args.seed)
     trainer.test(model, datamodule=data, verbose=False)
     if trainer.is_global_zero:
         m = trainer.callback_metrics
