@@ -8,6 +8,7 @@ Per-epoch checkpoints (last.ckpt) and a CSV metrics log go under --run-dir.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 import warnings
@@ -165,6 +166,11 @@ def main(argv: list[str] | None = None) -> int:
         trainer = build_trainer(args)
     except (ValueError, RuntimeError) as err:  # e.g. an unknown strategy or precision, or no such GPU
         fail(f"cannot set up the trainer: {err}", code=2)
+    cores = os.cpu_count() or 1
+    if trainer.strategy.root_device.type == "cpu" and trainer.num_devices > cores:
+        # Each CPU "device" is a whole training process; more than the cores just exhausts memory.
+        fail(f"--devices {args.devices} on CPU would start {trainer.num_devices} processes on {cores} cores; "
+             f"use at most {cores}", code=2)
     # On CUDA the data set is moved to the device once; elsewhere batches stay in host memory.
     device = trainer.strategy.root_device
     data = MNISTDataModule(args.data_dir, batch_size=args.batch_size, val_size=args.val_size, seed=args.seed,
