@@ -1,0 +1,466 @@
+"""A live latent-space explorer for the trained CVAE, served with Gradio.
+
+    python train.py && python gradio_test.py         # then open http://127.0.0.1:7860
+    python gradio_test.py --ckpt other.ckpt --port 7861
+
+Pick a digit and move the z sliders: the decoded image follows while the slider moves. The page also shows the same z
+under all ten labels (style kept, digit changed), the digit's 2-D manifold with a marker at z, a button that samples z
+from the prior, and encodes a digit you draw or upload so the ten digits come out in your handwriting.
+
+Named API endpoints (for `gradio_client`; signatures in the README):
+    /generate (digit, z0, z1) -> image     /style_row (z0, z1) -> image     /manifold (digit, z0, z1) -> image
+    /random_z (digit) -> (z0, z1)           /style_transfer (image, digit) -> (image, z0, z1)
+
+`build_app(model)` builds the page without serving it and `launch(app, host, port)` serves it, so tests and benchmarks
+can run the app in-process.
+"""
+from __future__ import annotations
+
+import argparse
+import errno
+import os
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from common import ArgParser, CheckpointError, bounded, fail, load_cvae
+
+if __name__ == "__main__" and not os.environ.get("GRADIO_SERVER_PORT", "7860").isdigit():
+    # gradio parses this variable when imported and dies with a traceback on a non-number.
+    fail(f"GRADIO_SERVER_PORT={os.environ['GRADIO_SERVER_PORT']!r} is not a port number", code=2)
+
+import gradio as gr  # noqa: E402  (after the check above)
+
+Z_RANGE = 3.0          # the sliders span +-3 standard deviations of the N(0, I) prior
+Z_STEP = 0.01
+SCALE = 12             # main image: 28 px -> 336 px, nearest neighbour, so every model pixel is a crisp square
+ROW_SCALE = 4          # "same style" row: ten 112 px digits
+GRID = 15              # manifold: GRID x GRID decodes over the slider square
+MARKER = (255, 87, 34)  # the manifold's marker colour (orange; the digits are grey, so any R != G pixel is marker)
+MIN_SIDE, MAX_SIDE = 8, 4096   # accepted upload sizes, pixels per side
+CONCURRENCY = 8        # model events running at once; the rest wait in the queue
+QUEUE_SIZE = 1024      # waiting events before new ones are turned away
+MAX_UPLOAD = "10mb"
+
+THEME = gr.themes.Soft(primary_hue="indigo", secondary_hue="orange",
+                       # Local fonts: the page must not fetch Google Fonts (no outbound calls).
+                       font=["ui-sans-serif", "system-ui", "Segoe UI", "Helvetica", "Arial", "sans-serif"],
+                       font_mono=["ui-monospace", "Consolas", "monospace"])
+CSS = """
+.pixelated img { image-rendering: pixelated; }
+"""
+
+
+def bad_input(message: str) -> gr.Error:
+    """A visible one-line error for the user; not logged with a stack trace (it is their input, not our bug)."""
+    return gr.Error(message, print_exception=False)
+
+
+def check_digit(digit: Any, num_classes: int = 10) -> int:
+    """Accept an integer label 0..num_classes-1 (3 or 3.0); reject 3.5, True, "3", None with a gr.Error."""
+    if isinstance(digit, bool) or not isinstance(digit, (int, float, np.integer, np.floating)):
+        raise bad_input(f"digit must be an integer 0-{num_classes - 1}, got {digit!r}")
+    if not float(digit).is_integer() or not 0 <= digit < num_classes:
+        raise bad_input(f"digit must be an integer 0-{num_classes - 1}, got {digit!r}")
+    return int(digit)
+
+
+def check_z(value: Any, name: str) -> float:
+    """Accept a finite number within the slider range (a hair of slack for rounding)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise bad_input(f"{name} must be a number, got {value!r}")
+    value = float(value)
+    if not np.isfinite(value):
+        raise bad_input(f"{name} must be a finite number, got {value}")
+    if abs(value) > Z_RANGE + 1e-6:
+        raise bad_input(f"{name} = {value:g} is outside the slider range -{Z_RANGE:g}..{Z_RANGE:g}")
+    return value
+
+
+def to_slider(value: float) -> float:
+    """Clamp to the slider range and round to its step, so the slider shows exactly the z that was decoded."""
+    return round(min(max(float(value), -Z_RANGE), Z_RANGE), 2)
+
+
+def upscale(image: np.ndarray, factor: int) -> np.ndarray:
+    """Nearest-neighbour upscaling: (H, W) -> (H * factor, W * factor)."""
+    return image.repeat(factor, axis=0).repeat(factor, axis=1)
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """Pixel intensities in [0, 1] -> uint8 0..255 (round to nearest), the values a PNG carries."""
+    return (x.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+
+
+def to_mnist(image: Image.Image) -> np.ndarray:
+    """Any picture of one digit -> (28, 28) float32 in [0, 1], framed the way MNIST was made.
+
+    Light ink on a dark ground (MNIST) or dark on light (a drawing, a scan): the border decides which, and the
+    picture is inverted when needed. The ink's bounding box is scaled to fit 20 x 20 and placed so its centre of
+    mass sits at the centre of the 28 x 28 field (LeCun et al., the MNIST database description).
+    """
+    if image.mode in ("RGBA", "LA", "PA", "P") or "transparency" in image.info:
+        # Transparent pixels (an untouched sketchpad) count as white paper.
+        rgba = image.convert("RGBA")
+        paper = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(paper, rgba)
+    gray = np.asarray(image.convert("L"), dtype=np.float32) / 255.0
+    border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
+    background = float(np.median(border))
+    if background > 0.5:
+        gray, background = 1.0 - gray, 1.0 - background
+    ink = np.clip((gray - background) / max(1.0 - background, 1e-3), 0.0, 1.0)
+    mask = ink > 0.2
+    if mask.sum() < 4 or ink.max() - ink.min() < 0.2:
+        raise bad_input("the image is empty: draw or upload a digit first")
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    ink = ink[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+    h, w = ink.shape
+    fit = 20.0 / max(h, w)
+    size = (max(1, round(w * fit)), max(1, round(h * fit)))
+    box = np.asarray(Image.fromarray(ink, mode="F").resize(size, Image.Resampling.BILINEAR), dtype=np.float32)
+    box = np.clip(box, 0.0, 1.0)
+    # Centre of mass to (14, 14), kept inside the field.
+    ys, xs = np.indices(box.shape)
+    total = float(box.sum()) or 1.0
+    cy, cx = float((ys * box).sum()) / total, float((xs * box).sum()) / total
+    top = int(np.clip(round(14 - cy), 0, 28 - box.shape[0]))
+    left = int(np.clip(round(14 - cx), 0, 28 - box.shape[1]))
+    out = np.zeros((28, 28), dtype=np.float32)
+    out[top:top + box.shape[0], left:left + box.shape[1]] = box
+    return out
+
+
+def open_image(path: str | Path) -> Image.Image:
+    """Open an uploaded file as an image, or raise a gr.Error that says what is wrong with it."""
+    try:
+        image = Image.open(path)
+        width, height = image.size
+        if not (MIN_SIDE <= width <= MAX_SIDE and MIN_SIDE <= height <= MAX_SIDE):
+            raise bad_input(f"the image is {width} x {height} pixels; expected {MIN_SIDE} to {MAX_SIDE} per side")
+        image.load()
+    except gr.Error:
+        raise
+    except Exception as err:  # PIL raises many kinds: UnidentifiedImageError, OSError, DecompressionBombError...
+        raise bad_input(f"could not read the upload as an image ({type(err).__name__})") from None
+    return image
+
+
+class DigitRadio(gr.Radio):
+    """gr.Radio that hands any value to the handler, whose check_digit answers a bad one with a clear gr.Error
+    (gr.Radio's own check names Python types and logs a stack trace per bad request)."""
+
+    is_template = True  # rendered by gr.Radio's frontend
+
+    def preprocess(self, payload: Any) -> Any:
+        return payload
+
+    def api_info(self) -> dict[str, Any]:
+        # gr.Radio documents its choices as strings; the endpoints take the digit as an integer.
+        values = [value for _, value in self.choices]
+        return {"type": "integer", "minimum": min(values), "maximum": max(values), "title": "Digit"}
+
+
+class ZSlider(gr.Slider):
+    """gr.Slider that leaves range checks to the handler's check_z (one message for NaN, inf and out of range)."""
+
+    is_template = True
+
+    def preprocess(self, payload: Any) -> Any:
+        return payload
+
+
+class ImageUpload(gr.Image):
+    """gr.Image whose unreadable uploads (not an image, damaged) end in a one-line gr.Error, not a stack trace."""
+
+    is_template = True  # rendered by gr.Image's frontend
+
+    def preprocess(self, payload: Any) -> Any:
+        try:
+            return super().preprocess(payload)
+        except gr.Error:
+            raise
+        except Exception as err:
+            raise bad_input(f"could not read the upload as an image ({type(err).__name__})") from None
+
+
+class Explorer:
+    """Every picture the page shows, as a plain function of (digit, z0, z1), for one model.
+
+    z is the model's latent vector with z0 and z1 from the sliders and any further dimensions fixed at 0. All decoding
+    runs under inference_mode on a model in eval mode and never changes its mode, so concurrent requests are safe.
+    """
+
+    def __init__(self, model):
+        self.model = model.eval()
+        self.latent_dim: int = model.hparams.latent_dim
+        self.num_classes: int = model.hparams.num_classes
+        self.side: int = model.hparams.image_size
+        self.prior: str = model.resolve_prior("auto")
+        self._manifolds: dict[int, np.ndarray] = {}  # digit -> grey manifold without marker
+
+    def latent(self, z0: float, z1: float, n: int = 1) -> torch.Tensor:
+        """(n, latent_dim): z0, z1 in the first two dimensions, 0 elsewhere (z1 dropped for a 1-D latent)."""
+        z = torch.zeros(n, self.latent_dim)
+        z[:, 0] = z0
+        if self.latent_dim > 1:
+            z[:, 1] = z1
+        return z
+
+    def decode(self, z: torch.Tensor, labels: list[int]) -> np.ndarray:
+        """(N, latent_dim) codes and N labels -> (N, side, side) uint8 images."""
+        with torch.inference_mode():
+            x = self.model.decode(z.to(self.model.device), torch.tensor(labels))
+        return to_uint8(x).reshape(-1, self.side, self.side)
+
+    # ----- the named endpoints ---------------------------------------------------------------------------------
+    def generate(self, digit: int, z0: float, z1: float) -> np.ndarray:
+        """Decode one digit at (z0, z1): a (28 * 12, 28 * 12) uint8 image, nearest-neighbour upscaled."""
+        digit = check_digit(digit, self.num_classes)
+        z0, z1 = check_z(z0, "z0"), check_z(z1, "z1")
+        return upscale(self.decode(self.latent(z0, z1), [digit])[0], SCALE)
+
+    def style_row(self, z0: float, z1: float) -> np.ndarray:
+        """The same z decoded under every label, left to right 0..9: a (28 * 4, 10 * 28 * 4) uint8 image."""
+        z0, z1 = check_z(z0, "z0"), check_z(z1, "z1")
+        images = self.decode(self.latent(z0, z1, self.num_classes), list(range(self.num_classes)))
+        return upscale(np.concatenate(list(images), axis=1), ROW_SCALE)
+
+    def manifold(self, digit: int, z0: float, z1: float) -> np.ndarray:
+        """The digit's decodes over the slider square (z0 left to right, z1 bottom to top) with a marker at (z0, z1):
+        a (GRID * 28, GRID * 28, 3) uint8 RGB image."""
+        digit = check_digit(digit, self.num_classes)
+        z0, z1 = check_z(z0, "z0"), check_z(z1, "z1")
+        grid = self._manifolds.get(digit)
+        if grid is None:  # a race here only computes the same picture twice
+            grid = self._manifolds[digit] = self.manifold_grid(digit)
+        picture = Image.fromarray(grid).convert("RGB")
+        height, width = grid.shape
+        x = (z0 + Z_RANGE) / (2 * Z_RANGE) * width
+        y = (Z_RANGE - z1) / (2 * Z_RANGE) * height if self.latent_dim > 1 else height / 2
+        draw = ImageDraw.Draw(picture)
+        r = 10  # a ring with four ticks, open in the middle so the digit under it stays visible
+        draw.ellipse((x - r, y - r, x + r, y + r), outline=MARKER, width=3)
+        for dx, dy in ((-1, 0), (1, 0), (0, -1), (0, 1)):
+            draw.line((x + dx * r, y + dy * r, x + 2 * dx * r, y + 2 * dy * r), fill=MARKER, width=2)
+        return np.asarray(picture)
+
+    def manifold_grid(self, digit: int) -> np.ndarray:
+        """(GRID * 28, GRID * 28) uint8: cell (row i, column j) decodes z0 = centre of column j, z1 = centre of row i
+        counted from the bottom; the cells tile the slider square exactly. One row for a 1-D latent."""
+        centres = (np.arange(GRID) + 0.5) / GRID * 2 * Z_RANGE - Z_RANGE
+        z1s = centres[::-1] if self.latent_dim > 1 else np.zeros(1)
+        z0_grid, z1_grid = np.meshgrid(centres, z1s)  # (rows, GRID), row 0 = highest z1
+        z = torch.zeros(z0_grid.size, self.latent_dim)
+        z[:, 0] = torch.from_numpy(z0_grid.ravel()).float()
+        if self.latent_dim > 1:
+            z[:, 1] = torch.from_numpy(z1_grid.ravel()).float()
+        images = self.decode(z, [digit] * len(z))  # (rows * GRID, 28, 28)
+        rows = len(z1s)
+        return images.reshape(rows, GRID, self.side, self.side).transpose(0, 2, 1, 3).reshape(
+            rows * self.side, GRID * self.side)
+
+    def random_z(self, digit: int) -> tuple[float, float]:
+        """Draw z for this digit from the model's prior (the fitted one when the checkpoint has it); returns its first
+        two coordinates, clamped to the slider range."""
+        digit = check_digit(digit, self.num_classes)
+        z = self.model.sample_z(torch.tensor([digit]), prior="auto")[0].cpu()
+        return to_slider(z[0]), to_slider(z[1] if self.latent_dim > 1 else 0.0)
+
+    def style_transfer(self, image: str | None, digit: int) -> tuple[np.ndarray, float, float]:
+        """Encode a picture of `digit` (a file path) and return (style row at its z, z0, z1)."""
+        digit = check_digit(digit, self.num_classes)
+        if image is None:
+            raise bad_input("no image: upload a picture of a digit first")
+        return self.transfer(open_image(image), digit)
+
+    def style_transfer_sketch(self, sketch: dict | None, digit: int) -> tuple[np.ndarray, float, float]:
+        """The same from the sketchpad: its value is {"background", "layers", "composite"} as numpy arrays."""
+        digit = check_digit(digit, self.num_classes)
+        composite = sketch.get("composite") if isinstance(sketch, dict) else None
+        if composite is None:
+            raise bad_input("the drawing is empty: draw a digit first")
+        return self.transfer(Image.fromarray(np.asarray(composite, dtype=np.uint8)), digit)
+
+    def transfer(self, image: Image.Image, digit: int) -> tuple[np.ndarray, float, float]:
+        """Encode the picture as `digit` (posterior mean) and return (style row, z0, z1) at its slider position."""
+        x = torch.from_numpy(to_mnist(image)).reshape(1, -1)
+        with torch.inference_mode():
+            mean, _ = self.model.encode(x.to(self.model.device), torch.tensor([digit]))
+        mean = mean[0].cpu()
+        raw = (float(mean[0]), float(mean[1]) if self.latent_dim > 1 else 0.0)
+        z0, z1 = to_slider(raw[0]), to_slider(raw[1])
+        if max(abs(raw[0]), abs(raw[1])) > Z_RANGE:
+            gr.Warning(f"Its z = ({raw[0]:.2f}, {raw[1]:.2f}) lies outside the sliders' range; "
+                       f"shown at the nearest edge ({z0:.2f}, {z1:.2f}).")
+        return self.style_row(z0, z1), z0, z1
+
+
+def page_notes(explorer: Explorer) -> tuple[str, str]:
+    """(which prior the random button uses, how the sliders map onto z) in words."""
+    if explorer.prior == "fitted":
+        prior = ("**Random z** samples from the prior fitted to this checkpoint's training codes "
+                 "(one Gaussian mixture per digit), so it lands where that digit's real handwriting lives.")
+    else:
+        prior = "**Random z** samples from the standard normal prior N(0, I) (this checkpoint has no fitted prior)."
+    d = explorer.latent_dim
+    if d == 1:
+        dims = "This checkpoint has a 1-D latent: only z0 exists, the z1 slider is hidden."
+    elif d == 2:
+        dims = "z is 2-D here: the two sliders are the whole latent code."
+    else:
+        dims = (f"This checkpoint has a {d}-D latent: the sliders set z0 and z1, "
+                f"and z2{'' if d == 3 else '…z' + str(d - 1)} stay fixed at 0.")
+    return prior, dims
+
+
+def build_app(model) -> gr.Blocks:
+    """The explorer page for a loaded CVAE, not yet served (see launch)."""
+    explorer = Explorer(model)
+    digits = list(range(explorer.num_classes))
+    prior_note, dims_note = page_notes(explorer)
+    start = (7, 0.0, 0.0)
+    slider = dict(minimum=-Z_RANGE, maximum=Z_RANGE, step=Z_STEP, value=0.0)
+    # One queue slot pool for everything that runs the model.
+    model_event = dict(concurrency_limit=CONCURRENCY, concurrency_id="model")
+    live = dict(trigger_mode="always_last", show_progress="hidden", **model_event)
+
+    with gr.Blocks(title="CVAE latent explorer", analytics_enabled=False, delete_cache=(600, 600)) as app:
+        gr.Markdown("# Conditional VAE: latent-space explorer\n"
+                    "The decoder turns a digit label and a latent code **z** into an image. The label fixes "
+                    "*which* digit; z carries the *handwriting*: slant, width, stroke. Move the sliders and "
+                    "watch the digit change as you drag.", elem_id="title")
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=4, min_width=260):
+                digit = DigitRadio(digits, value=start[0], label="Digit", elem_id="digit")
+                z0 = ZSlider(label="z0", elem_id="z0", **slider)
+                z1 = ZSlider(label="z1", elem_id="z1", visible=explorer.latent_dim > 1, **slider)
+                random_button = gr.Button("Random z", variant="primary", elem_id="random")
+                gr.Markdown(f"{prior_note}\n\nThe sliders span ±{Z_RANGE:g} standard deviations of N(0, I). "
+                            f"{dims_note}")
+            with gr.Column(scale=4, min_width=360):
+                image = gr.Image(explorer.generate(*start), label="Decoded digit", format="png", height=360,
+                                 interactive=False, buttons=["download"], elem_id="digit-image",
+                                 elem_classes=["pixelated"])
+            with gr.Column(scale=5, min_width=360):
+                manifold = gr.Image(explorer.manifold(*start), label="Manifold of this digit (z0 →, z1 ↑)",
+                                    format="png", height=360, interactive=False, buttons=["download"],
+                                    elem_id="manifold", elem_classes=["pixelated"])
+        row = gr.Image(explorer.style_row(*start[1:]), label="Same style, all ten digits", format="png",
+                       interactive=False, buttons=["download"], elem_id="style-row", elem_classes=["pixelated"])
+        with gr.Accordion("Your handwriting: draw or upload a digit, see all ten in that style", open=True):
+            with gr.Row(equal_height=False):
+                with gr.Column(scale=3):
+                    with gr.Tabs():
+                        with gr.Tab("Draw"):
+                            # A white page as the background: the editor then opens with the brush in hand.
+                            sketch = gr.Sketchpad(np.full((280, 280, 3), 255, np.uint8), label="Draw one digit",
+                                                  canvas_size=(280, 280), height=320,
+                                                  layers=False, transforms=(), type="numpy",
+                                                  brush=gr.Brush(default_size=14, colors=["#000000"],
+                                                                 color_mode="fixed"), elem_id="sketch")
+                            encode_sketch = gr.Button("Encode my drawing", variant="primary")
+                        with gr.Tab("Upload"):
+                            upload = ImageUpload(label="A picture of one digit", type="filepath", image_mode=None,
+                                                 sources=["upload", "clipboard"], height=320, elem_id="upload")
+                            encode_upload = gr.Button("Encode this picture", variant="primary")
+                with gr.Column(scale=2):
+                    label = DigitRadio(digits, value=start[0], label="It is a …", elem_id="label")
+                    gr.Markdown("The encoder finds the z of your digit; the sliders jump there and the row above "
+                                "shows the ten digits in your handwriting. Dark-on-light and light-on-dark both "
+                                "work; the digit is centred and scaled the way MNIST was.")
+
+        # Live view: the three pictures follow every change of digit or z (a slider drag sends a stream of changes;
+        # "always_last" drops the ones that pile up while a request is running).
+        gr.on([digit.change, z0.change, z1.change], explorer.generate, [digit, z0, z1], image,
+              api_name="generate", **live)
+        gr.on([z0.change, z1.change], explorer.style_row, [z0, z1], row, api_name="style_row", **live)
+        gr.on([digit.change, z0.change, z1.change], explorer.manifold, [digit, z0, z1], manifold,
+              api_name="manifold", **live)
+        random_button.click(explorer.random_z, digit, [z0, z1], api_name="random_z", **model_event)
+        # Encoding sets the sliders (which redraw the pictures) and then shows the digit the user said it was.
+        encode_upload.click(explorer.style_transfer, [upload, label], [row, z0, z1], api_name="style_transfer",
+                            **model_event).success(lambda d: d, label, digit, api_visibility="private", queue=False)
+        encode_sketch.click(explorer.style_transfer_sketch, [sketch, label], [row, z0, z1], api_visibility="private",
+                            **model_event).success(lambda d: d, label, digit, api_visibility="private", queue=False)
+    return app
+
+
+def launch(app: gr.Blocks, host: str = "127.0.0.1", port: int = 7860, block: bool = True) -> str:
+    """Serve `app` on host:port (no share link) and return its local URL. block=True prints the URL and serves until
+    Ctrl-C; block=False returns at once and leaves the server running in a thread (stop it with app.close()).
+    main() also sets torch.set_num_threads(1); do the same when timing the app in-process."""
+    app.queue(default_concurrency_limit=CONCURRENCY, max_size=QUEUE_SIZE)
+    _, url, _ = app.launch(server_name=host, server_port=port, share=False, inbrowser=False,
+                           prevent_thread_lock=True, show_error=True, quiet=True, max_file_size=MAX_UPLOAD,
+                           footer_links=["api", "settings"], run_history=False, theme=THEME, css=CSS)
+    if block:
+        print(f"Running on {url} (listening on {host}:{port}; Ctrl-C to stop)", flush=True)
+        app.block_thread()
+    return url
+
+
+def listen_problem(host: str, port: int) -> str | None:
+    """Why a server could not listen on host:port right now (one line), or None when it could."""
+    try:
+        family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as err:
+        return f"cannot listen on host {host!r}: {err.strerror}; check --host (or GRADIO_SERVER_NAME)"
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server does: a closing socket is no obstacle
+        try:
+            s.bind(address)
+        except OSError as err:
+            if err.errno == errno.EADDRINUSE:
+                return f"port {port} on {host} is already in use; choose another with --port (or GRADIO_SERVER_PORT)"
+            return f"cannot listen on {host}:{port}: {err.strerror}"
+    return None
+
+
+def env_default(name: str, default: str) -> str:
+    return os.environ.get(name) or default
+
+
+def build_parser() -> ArgParser:
+    p = ArgParser(description="Serve the CVAE latent-space explorer (Gradio) on localhost.",
+                  formatter_class=lambda prog: argparse.ArgumentDefaultsHelpFormatter(prog, width=100))
+    p.add_argument("--ckpt", type=Path, default=Path("cvae.ckpt"), help="checkpoint written by train.py")
+    p.add_argument("--host", default=env_default("GRADIO_SERVER_NAME", "127.0.0.1"),
+                   help="interface to listen on (env GRADIO_SERVER_NAME); 0.0.0.0 opens it to the network")
+    p.add_argument("--port", type=bounded(int, 1, 65535), default=env_default("GRADIO_SERVER_PORT", "7860"),
+                   help="port to listen on (env GRADIO_SERVER_PORT)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # no telemetry calls, whatever else gradio builds
+    try:
+        model = load_cvae(args.ckpt, map_location="cpu")  # a tiny MLP: the CPU answers in a millisecond
+    except CheckpointError as err:
+        message = str(err)
+        fail(message if "train.py" in message else f"{message}; train one with `python train.py`")
+    problem = listen_problem(args.host, args.port)
+    if problem:
+        fail(problem)
+    # Requests are tiny and run side by side in the server's threads; intra-op threads only contend with each other
+    # (the ten-digit row took 94 ms with 2 threads on a busy 2-core machine, 2 ms with 1).
+    torch.set_num_threads(1)
+    hp = model.hparams
+    print(f"Loaded {args.ckpt}: latent_dim {hp.latent_dim}, prior {model.resolve_prior('auto')}, "
+          f"device cpu, 1 torch thread per request", flush=True)
+    app = build_app(model)
+    try:
+        launch(app, args.host, args.port)
+    except OSError as err:  # e.g. the port was taken between the check and the launch, or no such interface
+        fail(f"cannot serve on {args.host}:{args.port}: {err}; choose another with --port")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,392 @@
+"""The latent explorer (gradio_test.py): every named endpoint through gradio_client against the model's own decode,
+bad input, many clients at once, the command line, and the page in a real browser (Debian's chromium via Playwright).
+
+The browser screenshot is written to results/ui_screenshot.png (or $UI_SCREENSHOT); $UI_CKPT serves a real checkpoint
+instead of the test's untrained one (that is how assets/ui.png was made).
+"""
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+import gradio_test as ui
+from common import load_cvae
+from model import CVAE
+
+REPO = Path(__file__).resolve().parents[1]
+SCREENSHOT = Path(os.environ.get("UI_SCREENSHOT") or REPO / "results" / "ui_screenshot.png")
+CHROMIUM = Path("/usr/bin/chromium")
+# Headless as root; the last four stop Chromium from calling home on a machine without a network.
+CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+ENDPOINTS = {"/generate": ["digit", "z0", "z1"], "/style_row": ["z0", "z1"], "/manifold": ["digit", "z0", "z1"],
+             "/random_z": ["digit"], "/style_transfer": ["image", "digit"]}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def save_untrained(path: Path, latent_dim: int = 2, fitted_prior: bool = True) -> Path:
+    """An untrained CVAE as a Lightning-style checkpoint; optionally a fitted prior of narrow, well-separated
+    per-digit Gaussians, so a test can tell that the random button samples from it."""
+    torch.manual_seed(0)
+    model = CVAE(latent_dim=latent_dim)
+    if fitted_prior:
+        means = torch.tensor([[(d - 4.5) / 2, 1.0 - d / 5] + [0.0] * (latent_dim - 2) for d in range(10)])
+        model.fitted_prior = {"kind": "per-class", "weights": torch.ones(10, 1), "means": means[:, None],
+                              "scale_tril": 0.01 * torch.eye(latent_dim).repeat(10, 1, 1, 1)}
+    checkpoint = {"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams)}
+    model.on_save_checkpoint(checkpoint)
+    torch.save(checkpoint, path)
+    return path
+
+
+def decoded(model, z: list[list[float]], labels: list[int]) -> np.ndarray:
+    """The model's own decode as the uint8 pixels a PNG carries: (N, 28, 28)."""
+    with torch.no_grad():
+        x = model.eval().decode(torch.tensor(z, dtype=torch.float32), torch.tensor(labels))
+    return (x.clamp(0, 1) * 255).round().to(torch.uint8).numpy().reshape(-1, 28, 28)
+
+
+def read_png(path: str) -> np.ndarray:
+    assert Path(path).suffix == ".png"
+    return np.asarray(Image.open(path))
+
+
+def assert_same_pixels(got: np.ndarray, want: np.ndarray) -> None:
+    assert got.shape == want.shape
+    assert np.abs(got.astype(int) - want.astype(int)).max() <= 1  # float rounding at a .5 boundary at most
+
+
+def digit_picture(path: Path, dark_on_light: bool = True, size: int = 200) -> Path:
+    """A hand-drawn-looking 7 as a PNG, the way a sketchpad or a scan would give it."""
+    ink, paper = (0, 255) if dark_on_light else (255, 0)
+    image = Image.new("L", (size, size), paper)
+    draw = ImageDraw.Draw(image)
+    s = size / 200
+    draw.line([(50 * s, 40 * s), (150 * s, 45 * s), (95 * s, 165 * s)], fill=ink, width=int(18 * s), joint="curve")
+    image.save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """(url, model, client): the app launched in-process on a free port, and a gradio_client connected to it."""
+    from gradio_client import Client
+
+    tmp = tmp_path_factory.mktemp("gradio")
+    ckpt = Path(os.environ.get("UI_CKPT") or save_untrained(tmp / "cvae.ckpt"))
+    with pytest.MonkeyPatch.context() as mp:
+        # gradio_client's telemetry obeys only this variable (its analytics_enabled=False is not enough).
+        mp.setenv("GRADIO_ANALYTICS_ENABLED", "False")
+        model = load_cvae(ckpt)
+        app = ui.build_app(model)
+        url = ui.launch(app, "127.0.0.1", free_port(), block=False)
+        client = Client(url, verbose=False, download_files=str(tmp / "downloads"))
+        try:
+            yield url, model, client
+        finally:
+            client.close()
+            app.close()
+
+
+def test_named_endpoints_are_listed(served):
+    _, _, client = served
+    named = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+    for name, params in ENDPOINTS.items():
+        assert [p["parameter_name"] for p in named[name]["parameters"]] == params, name
+    assert set(named) == set(ENDPOINTS), "helper events should stay out of the API"
+
+
+@pytest.mark.parametrize("digit, z0, z1", [(0, 0.0, 0.0), (7, 1.5, -2.25), (9, -3.0, 3.0)])
+def test_generate_is_the_models_decode(served, digit, z0, z1):
+    _, model, client = served
+    png = read_png(client.predict(digit, z0, z1, api_name="/generate"))
+    want = decoded(model, [[z0, z1]], [digit])[0]
+    assert png.shape == (28 * ui.SCALE, 28 * ui.SCALE)
+    # Nearest-neighbour upscaling: every model pixel is a solid SCALE x SCALE square.
+    assert_same_pixels(png, np.kron(png[::ui.SCALE, ::ui.SCALE], np.ones((ui.SCALE, ui.SCALE), np.uint8)))
+    assert_same_pixels(png[::ui.SCALE, ::ui.SCALE], want)
+
+
+def test_style_row_is_every_label_at_the_same_z(served):
+    _, model, client = served
+    png = read_png(client.predict(-1.2, 0.7, api_name="/style_row"))
+    assert png.shape == (28 * ui.ROW_SCALE, 10 * 28 * ui.ROW_SCALE)
+    small = png[::ui.ROW_SCALE, ::ui.ROW_SCALE]
+    assert_same_pixels(np.stack(np.split(small, 10, axis=1)), decoded(model, [[-1.2, 0.7]] * 10, list(range(10))))
+
+
+def test_manifold_has_the_grid_and_a_marker_at_z(served):
+    _, model, client = served
+    z0, z1 = 1.2, -0.8
+    pic = read_png(client.predict(3, z0, z1, api_name="/manifold"))
+    side = ui.GRID * 28
+    assert pic.shape == (side, side, 3)
+    marker = pic[..., 0].astype(int) != pic[..., 1]
+    ys, xs = np.nonzero(marker)
+    assert marker.sum() > 50
+    want_x, want_y = (z0 + ui.Z_RANGE) / (2 * ui.Z_RANGE) * side, (ui.Z_RANGE - z1) / (2 * ui.Z_RANGE) * side
+    assert abs(xs.mean() - want_x) < 3 and abs(ys.mean() - want_y) < 3
+    # Top-left cell: the smallest z0 and the largest z1 of the grid.
+    centre = ui.Z_RANGE * (1 - 1 / ui.GRID)
+    assert_same_pixels(pic[:28, :28, 0], decoded(model, [[-centre, centre]], [3])[0])
+
+
+def test_random_z_samples_the_fitted_prior(served):
+    _, model, client = served
+    if model.fitted_prior is None:
+        pytest.skip("this checkpoint has no fitted prior")
+    for digit in (0, 9):
+        z0, z1 = client.predict(digit, api_name="/random_z")
+        mean = model.fitted_prior["means"][digit, 0]
+        if os.environ.get("UI_CKPT") is None:  # the test's prior is narrow: samples sit on its mean
+            assert abs(z0 - float(mean[0])) < 0.06 and abs(z1 - float(mean[1])) < 0.06
+        assert abs(z0) <= ui.Z_RANGE and abs(z1) <= ui.Z_RANGE
+    assert "fitted" in ui.page_notes(ui.Explorer(model))[0]
+
+
+def test_to_mnist_frames_a_digit_like_mnist(tmp_path):
+    for dark_on_light in (True, False):
+        x = ui.to_mnist(Image.open(digit_picture(tmp_path / "seven.png", dark_on_light)))
+        assert x.shape == (28, 28) and x.min() >= 0 and x.max() <= 1
+        assert x[0].max() == 0 and x[:, 0].max() == 0  # dark ground, ink in the middle
+        rows, cols = np.nonzero(x > 0.2)
+        assert max(np.ptp(rows), np.ptp(cols)) <= 20
+        ys, xs = np.indices(x.shape)
+        assert abs((ys * x).sum() / x.sum() - 14) < 1.5 and abs((xs * x).sum() / x.sum() - 14) < 1.5
+
+
+def test_style_transfer_encodes_the_picture(served, tmp_path):
+    _, model, client = served
+    from gradio_client import handle_file
+
+    path = digit_picture(tmp_path / "seven.png")
+    row, z0, z1 = client.predict(handle_file(path), 7, api_name="/style_transfer")
+    x = torch.from_numpy(ui.to_mnist(Image.open(path))).reshape(1, -1)
+    with torch.no_grad():
+        mean = model.encode(x, torch.tensor([7]))[0][0]
+    assert (z0, z1) == (ui.to_slider(mean[0]), ui.to_slider(mean[1]))
+    small = read_png(row)[::ui.ROW_SCALE, ::ui.ROW_SCALE]
+    assert_same_pixels(np.stack(np.split(small, 10, axis=1)), decoded(model, [[z0, z1]] * 10, list(range(10))))
+    # Light ink on dark ground (MNIST's way) lands on the same code.
+    _, z0_inv, z1_inv = client.predict(handle_file(digit_picture(tmp_path / "inv.png", False)), 7,
+                                       api_name="/style_transfer")
+    assert abs(z0_inv - z0) <= 0.02 and abs(z1_inv - z1) <= 0.02
+
+
+def bad_requests(tmp_path: Path) -> list[tuple[str, tuple, str]]:
+    """(endpoint, arguments, a word the error message must contain)."""
+    from gradio_client import handle_file
+
+    text = tmp_path / "notes.png"
+    text.write_text("not an image")
+    tiny = tmp_path / "tiny.png"
+    Image.new("L", (2, 2), 255).save(tiny)
+    blank = tmp_path / "blank.png"
+    Image.new("L", (280, 280), 255).save(blank)
+    seven = digit_picture(tmp_path / "seven.png")
+    return [
+        ("/generate", (10, 0.0, 0.0), "0-9"), ("/generate", (3.5, 0.0, 0.0), "0-9"),
+        ("/generate", (-1, 0.0, 0.0), "0-9"), ("/generate", ("3", 0.0, 0.0), "3"),
+        ("/generate", (3, "abc", 0.0), "number"), ("/generate", (None, 0.0, 0.0), "None"),
+        ("/generate", (3, 50.0, 0.0), "50"), ("/generate", (3, 0.0, -1e9), "slider range"),
+        ("/style_row", (0.0, [1]), "number"), ("/manifold", (11, 0.0, 0.0), "11"),
+        ("/random_z", (12,), "12"),
+        ("/style_transfer", (handle_file(text), 3), "image"), ("/style_transfer", (handle_file(tiny), 3), "2 x 2"),
+        ("/style_transfer", (handle_file(blank), 3), "empty"), ("/style_transfer", (handle_file(seven), 10), "10"),
+    ]
+
+
+def test_bad_input_is_a_visible_error_and_the_next_request_works(served, tmp_path):
+    from gradio_client.exceptions import AppError
+
+    _, model, client = served
+    for endpoint, args, word in bad_requests(tmp_path):
+        with pytest.raises(AppError) as err:
+            client.predict(*args, api_name=endpoint)
+        assert word in err.value.message, (endpoint, args, err.value.message)
+        assert "Traceback" not in err.value.message
+    png = read_png(client.predict(4, 0.5, 0.5, api_name="/generate"))
+    assert_same_pixels(png[::ui.SCALE, ::ui.SCALE], decoded(model, [[0.5, 0.5]], [4])[0])
+
+
+def test_nan_and_inf_are_refused(served):
+    """gradio_client cannot send NaN (its JSON encoder refuses), but a raw HTTP client can."""
+    import httpx
+
+    url, _, client = served
+    for body in ('{"data": [3, NaN, 0]}', '{"data": [3, 0, Infinity]}', '{"data": [3, -Infinity, 0]}'):
+        posted = httpx.post(f"{url}gradio_api/call/generate", content=body,
+                            headers={"content-type": "application/json"}, timeout=30)
+        event_id = posted.json()["event_id"]
+        answer = httpx.get(f"{url}gradio_api/call/generate/{event_id}", timeout=30).text
+        assert "event: error" in answer and "must be a finite number" in answer, answer
+    assert Path(client.predict(1, 0.0, 0.0, api_name="/generate")).exists()
+
+
+def test_many_clients_at_once(served, tmp_path):
+    """Three clients, 45 requests in flight, a third of them bad: every good one gets its own image."""
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+
+    url, model, first = served
+    clients = [first] + [Client(url, verbose=False, download_files=str(tmp_path / f"c{i}")) for i in range(2)]
+    try:
+        jobs = []
+        for i in range(45):
+            digit, z0 = i % 10, round(-2.5 + i / 12, 2)
+            bad = i % 3 == 2
+            job = clients[i % 3].submit(11 if bad else digit, z0, -z0, api_name="/generate")
+            jobs.append((job, None if bad else (digit, z0)))
+        for job, good in jobs:
+            if good is None:
+                with pytest.raises(AppError):
+                    job.result(timeout=120)
+            else:
+                digit, z0 = good
+                png = read_png(job.result(timeout=120))
+                assert_same_pixels(png[::ui.SCALE, ::ui.SCALE], decoded(model, [[z0, -z0]], [digit])[0])
+    finally:
+        for client in clients[1:]:
+            client.close()
+
+
+def test_wide_latent_fixes_the_other_dims_at_zero(tmp_path):
+    model = load_cvae(save_untrained(tmp_path / "wide.ckpt", latent_dim=5))
+    explorer = ui.Explorer(model)
+    png = explorer.generate(2, 1.0, -1.0)
+    assert_same_pixels(png[::ui.SCALE, ::ui.SCALE], decoded(model, [[1.0, -1.0, 0, 0, 0]], [2])[0])
+    assert "z2…z4 stay fixed at 0" in ui.page_notes(explorer)[1]
+    assert explorer.manifold(2, 0.0, 0.0).shape == (ui.GRID * 28, ui.GRID * 28, 3)
+    assert isinstance(ui.build_app(model), ui.gr.Blocks)  # builds (and serves nothing)
+
+
+def run_main(argv: list[str], capsys) -> tuple[int, str]:
+    with pytest.raises(SystemExit) as exit_info:
+        ui.main(argv)
+    return exit_info.value.code, capsys.readouterr().err
+
+
+def test_missing_or_damaged_checkpoint_says_train_first(tmp_path, capsys):
+    damaged = tmp_path / "damaged.ckpt"
+    damaged.write_bytes(b"not a checkpoint")
+    for ckpt in (tmp_path / "missing.ckpt", damaged):
+        code, err = run_main(["--ckpt", str(ckpt), "--port", str(free_port())], capsys)
+        assert code != 0 and err.count("\n") == 1 and "python train.py" in err, err
+
+
+def test_taken_port_is_named(tmp_path, capsys):
+    ckpt = save_untrained(tmp_path / "cvae.ckpt", fitted_prior=False)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code, err = run_main(["--ckpt", str(ckpt), "--port", str(port)], capsys)
+    assert code != 0 and err.count("\n") == 1 and f"port {port}" in err and "--port" in err, err
+
+
+def test_host_and_port_defaults_and_environment(monkeypatch):
+    monkeypatch.delenv("GRADIO_SERVER_NAME", raising=False)
+    monkeypatch.delenv("GRADIO_SERVER_PORT", raising=False)
+    args = ui.build_parser().parse_args([])
+    assert (args.host, args.port, args.ckpt) == ("127.0.0.1", 7860, Path("cvae.ckpt"))
+    help_text = " ".join(ui.build_parser().format_help().split())
+    assert "(default: 7860)" in help_text and "(default: 127.0.0.1)" in help_text
+    monkeypatch.setenv("GRADIO_SERVER_NAME", "0.0.0.0")
+    monkeypatch.setenv("GRADIO_SERVER_PORT", "7999")
+    args = ui.build_parser().parse_args([])
+    assert (args.host, args.port) == ("0.0.0.0", 7999)
+
+
+def browser_or_skip() -> str:
+    """Debian's chromium and Playwright for Python; missing ones fail the test under CI and skip it elsewhere."""
+    problem = None
+    if not CHROMIUM.exists():
+        problem = f"no browser at {CHROMIUM}: install the Debian package `chromium` (apt-get install chromium)"
+    else:
+        try:
+            import playwright.sync_api  # noqa: F401
+        except ImportError:
+            problem = "Playwright for Python is missing: pip install -r requirements-dev.txt"
+    if problem:
+        if os.environ.get("CI"):
+            pytest.fail(problem)
+        pytest.skip(problem)
+    return str(CHROMIUM)
+
+
+def test_page_in_a_real_browser(served):
+    """Open the page in headless Chromium: dragging z0 changes the picture while the button is still held (live, no
+    Generate button); the digit selector, the random button, an empty drawing (a message) and a drawn 7 all work.
+    Then save a screenshot."""
+    executable = browser_or_skip()
+    from playwright.sync_api import expect, sync_playwright
+
+    url, model, _ = served
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=executable, headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.goto(url)
+            image, row = page.locator("#digit-image img"), page.locator("#style-row img")
+            z0, z1 = page.locator("#z0 input[type=number]"), page.locator("#z1 input[type=number]")
+            expect(image).to_be_visible(timeout=60_000)
+            expect(page.get_by_text("Same style, all ten digits")).to_be_visible()
+            expect(page.get_by_text("fitted" if model.fitted_prior is not None else "N(0, I)").first).to_be_visible()
+
+            before, row_before = image.get_attribute("src"), row.get_attribute("src")
+            track = page.locator("#z0 input[type=range]").bounding_box()
+            y = track["y"] + track["height"] / 2
+            page.mouse.move(track["x"] + track["width"] / 2, y)
+            page.mouse.down()
+            page.mouse.move(track["x"] + track["width"] * 0.8, y, steps=4)
+            expect(image).not_to_have_attribute("src", before, timeout=30_000)  # the button is still held
+            page.mouse.up()
+            expect(row).not_to_have_attribute("src", row_before, timeout=30_000)
+            assert float(z0.input_value()) > 0.5
+
+            before = image.get_attribute("src")
+            page.locator("#digit label").filter(has_text="2").click()
+            expect(image).not_to_have_attribute("src", before, timeout=30_000)
+
+            dragged = z0.input_value()
+            page.get_by_role("button", name="Random z").click()
+            expect(z0).not_to_have_value(dragged, timeout=30_000)
+
+            # An untouched sketchpad gets a message, not a stack trace; a drawn 7 moves the sliders to its code.
+            page.locator("#sketch").scroll_into_view_if_needed()
+            page.get_by_role("button", name="Encode my drawing").click()
+            expect(page.get_by_text("is empty").first).to_be_visible(timeout=30_000)
+            canvas = page.locator("#sketch canvas").first.bounding_box()
+            side = canvas["height"]
+            left, top = canvas["x"] + (canvas["width"] - side) / 2, canvas["y"]
+            page.mouse.move(left + 0.3 * side, top + 0.2 * side)
+            page.mouse.down()
+            for fx, fy in ((0.7, 0.22), (0.45, 0.85)):
+                page.mouse.move(left + fx * side, top + fy * side, steps=1)
+            page.mouse.up()
+            sampled = (z0.input_value(), z1.input_value())
+            page.get_by_role("button", name="Encode my drawing").click()
+            page.wait_for_function(
+                "s => document.querySelector('#z0 input[type=number]').value !== s[0]"
+                " || document.querySelector('#z1 input[type=number]').value !== s[1]", arg=sampled, timeout=30_000)
+            expect(page.locator("#digit input[type=radio]:checked")).to_have_value("7")  # "It is a 7" is shown
+
+            page.locator("body").evaluate("() => window.scrollTo(0, 0)")
+            page.wait_for_timeout(1000)  # let the last pictures arrive before the screenshot
+            SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(SCREENSHOT), full_page=True)
+        finally:
+            browser.close()
+    assert SCREENSHOT.stat().st_size > 10_000
+    print(f"screenshot: {SCREENSHOT}")
