@@ -251,6 +251,8 @@ class CVAE(pl.LightningModule):
             from prior import check_prior
 
             check_prior(prior, self.hparams.num_classes, self.hparams.latent_dim)
+            # The prior is sampled on the CPU (its generator lives there), whatever map_location said.
+            prior = {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in prior.items()}
         self.fitted_prior = prior
 
 

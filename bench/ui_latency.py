@@ -74,8 +74,12 @@ def main() -> None:
     p.add_argument("--single-calls", type=int, default=200, help="calls of the single client (default: 200)")
     args = p.parse_args()
 
+    import torch
+
     from common import CheckpointError, fail, load_cvae
     from gradio_test import build_app, launch
+
+    torch.set_num_threads(1)  # as gradio_test.main() does: one small decode per request
 
     try:
         model = load_cvae(args.ckpt)
