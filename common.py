@@ -7,6 +7,7 @@ import pickle
 import random
 import sys
 import tempfile
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any, Callable
@@ -61,10 +62,22 @@ def check_output_file(path: Path, what: str) -> None:
         raise UsageError(f"{what} {path} is a directory, expected a file path")
     parent = path.parent
     existing = next(p for p in [parent, *parent.parents] if p.exists())
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+    if not existing.is_dir() or not _can_create_in(existing):
         raise UsageError(f"cannot write {what} {path}: {existing} is not a writable directory")
     if path.exists() and not os.access(path, os.W_OK):
         raise UsageError(f"cannot write {what} {path}: permission denied")
+
+
+def _can_create_in(folder: Path) -> bool:
+    """Create and remove a probe file: os.access says yes to root even where nothing can be created (/proc,
+    read-only mounts), and a run should fail before training, not at its final save."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".write-test.", dir=folder)
+    except OSError:
+        return False
+    os.close(fd)
+    os.unlink(probe)
+    return True
 
 
 def check_data_dir(path: Path) -> None:
@@ -94,6 +107,7 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o666 & ~_umask())  # mkstemp makes 0600; give the mode a plain open() would
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
@@ -101,6 +115,12 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read it is to set it
+    os.umask(mask)
+    return mask
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -127,15 +147,17 @@ def safe_torch_load(path: str | Path, map_location: Any = "cpu") -> dict[str, An
         raise CheckpointError(f"checkpoint {path} is not a file")
     if path.stat().st_size == 0:
         raise CheckpointError(f"checkpoint {path} is empty")
+    _check_crc(path)
     try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": noise on top of the one-line error
+            warnings.simplefilter("ignore")
+            checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        if "Weights only load failed" in first or "Unsupported global" in str(err):
+        if "Unsupported global" in str(err):
             raise CheckpointError(f"checkpoint {path} was refused: it holds Python objects that could run code on "
                                   f"load ({_unsupported_global(err)})") from None
-        raise CheckpointError(f"checkpoint {path} is damaged: {first}") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
+        raise CheckpointError(f"checkpoint {path} is damaged: {_unpickler_detail(err)}") from None
+    except Exception as err:  # noqa: BLE001  arbitrary bytes also raise KeyError, IndexError, struct.error, ...
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(f"checkpoint {path} is damaged or truncated: {first}") from None
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
@@ -143,12 +165,33 @@ def safe_torch_load(path: str | Path, map_location: Any = "cpu") -> dict[str, An
     return checkpoint
 
 
+def _check_crc(path: Path) -> None:
+    """torch.save records a CRC-32 for every member of its zip file but torch.load never checks it, so bytes flipped
+    inside a tensor would load as silently wrong weights."""
+    if not zipfile.is_zipfile(path):
+        return  # the legacy format, or not a checkpoint at all: torch.load reports it
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except Exception as err:  # noqa: BLE001  a damaged archive raises BadZipFile, EOFError, zlib.error, ...
+        raise CheckpointError(f"checkpoint {path} is damaged: {' '.join(str(err).split()) or type(err).__name__}"
+                              ) from None
+    if bad is not None:
+        raise CheckpointError(f"checkpoint {path} is damaged: {bad} fails its CRC check")
+
+
 def _unsupported_global(err: Exception) -> str:
-    """The name of the global torch's safe unpickler refused, from its long message."""
+    """What torch's safe unpickler refused (e.g. `GLOBAL builtins.exec`), from its long message."""
     for line in str(err).splitlines():
         if "Unsupported global" in line:
-            return line.strip().split("Unsupported global:")[-1].strip().rstrip(".")
+            return line.split("Unsupported global:")[-1].split(" was not an allowed global")[0].strip().rstrip(".")
     return "unsupported object"
+
+
+def _unpickler_detail(err: Exception) -> str:
+    """The useful line of torch's long weights_only message (e.g. `Unsupported operand 149`)."""
+    lines = [line.strip() for line in str(err).split("WeightsUnpickler error:")[-1].splitlines() if line.strip()]
+    return lines[0] if lines else type(err).__name__
 
 
 def load_cvae(path: str | Path, map_location: Any = "cpu"):
@@ -163,14 +206,23 @@ def load_cvae(path: str | Path, map_location: Any = "cpu"):
     if not isinstance(hparams, dict):
         raise CheckpointError(f"checkpoint {path} has no hyper-parameters; it was not written by this repo's train.py")
     try:
-        model = CVAE(**hparams)
-    except (TypeError, ValueError) as err:
-        raise CheckpointError(f"checkpoint {path} is not a CVAE checkpoint: {err}") from None
+        # On the meta device nothing is allocated, so crafted sizes (a 10^6-wide layer) cannot exhaust memory;
+        # the real tensors come from the file below, and only if every shape matches.
+        with torch.device("meta"):
+            model = CVAE(**hparams)
+    except (TypeError, ValueError, RuntimeError, OverflowError) as err:
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"checkpoint {path} is not a CVAE checkpoint: {detail}") from None
     try:
-        model.load_state_dict(checkpoint["state_dict"])
-    except RuntimeError as err:
+        model.load_state_dict(checkpoint["state_dict"], assign=True)
+    except (RuntimeError, TypeError) as err:
         detail = " ".join(str(err).split())
         raise CheckpointError(f"checkpoint {path} does not match the CVAE architecture: {detail[:300]}") from None
+    model.float()  # as copying into a freshly built float32 model did, whatever dtype the file holds
+    broken = [name for name, value in model.state_dict().items() if not torch.isfinite(value).all()]
+    if broken:
+        raise CheckpointError(f"checkpoint {path} holds NaN or infinite weights ({', '.join(broken[:3])}); "
+                              f"the training run diverged or the file is damaged")
     try:
         model.on_load_checkpoint(checkpoint)
     except ValueError as err:

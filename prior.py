@@ -64,6 +64,10 @@ def check_prior(prior: Any, num_classes: int, latent_dim: int) -> None:
                                               for k in ("weights", "means", "scale_tril")):
         raise ValueError("fitted_prior must hold tensors 'weights', 'means' and 'scale_tril'")
     w, m, s = prior["weights"], prior["means"], prior["scale_tril"]
+    if not w.is_floating_point() or not w.dtype == m.dtype == s.dtype:
+        # sample_fitted_prior mixes them in one matmul and multinomial draw
+        raise ValueError(f"fitted_prior tensors must share one floating-point dtype, got {w.dtype}, {m.dtype}, "
+                         f"{s.dtype}")
     c, k = w.shape if w.dim() == 2 else (None, None)
     if c not in (1, num_classes) or m.shape != (c, k, latent_dim) or s.shape != (c, k, latent_dim, latent_dim):
         raise ValueError(f"fitted_prior shapes {tuple(w.shape)}, {tuple(m.shape)}, {tuple(s.shape)} do not fit "

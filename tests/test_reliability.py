@@ -1,0 +1,543 @@
+"""Reliability and security: nothing executes from a checkpoint, nothing is lost, bad input never crashes.
+
+Most tests call the code in-process. The ones marked SLOW start real tiny training runs (1,000 images, 3 epochs) in
+subprocesses, kill or interrupt them and resume them: five train.py processes, 1-2 minutes on two CPU cores.
+"""
+from __future__ import annotations
+
+import ast
+import copy
+import importlib
+import importlib.util
+import os
+import pickle
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+import train
+from common import (AtomicCheckpointIO, CheckpointError, atomic_torch_save, check_output_file, load_cvae,
+                    safe_torch_load)
+from dataset import RAW_FILES, raw_dir
+from model import CVAE
+
+ROOT = Path(__file__).resolve().parents[1]
+# A run of a few seconds: 1,000 images in 20 batches per epoch, no prior fit.
+TINY = ["--train-size", "1000", "--val-size", "200", "--batch-size", "50", "--prior", "none", "--no-progress",
+        "--accelerator", "cpu"]
+# Subprocess runs compared bit for bit also fix the thread count (in-process runs must not: it would stay set).
+ONE_THREAD = ["--num-threads", "1"]
+EPOCHS = 3
+
+
+# ----- helpers -----------------------------------------------------------------------------------------------------
+class Payload:
+    """Unpickling this runs Python code that creates `marker`: what a crafted checkpoint would do."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return exec, (f"open({self.marker!r}, 'w').close()",)
+
+
+def write_malicious(path: Path, marker: Path, base: dict | None = None, raw_pickle: bool = False) -> Path:
+    """A checkpoint whose hyper-parameters run code on load; otherwise `base` (a real checkpoint) unchanged."""
+    checkpoint = dict(base or {"state_dict": {}})
+    checkpoint["hyper_parameters"] = Payload(marker)
+    if raw_pickle:  # the legacy (non-zip) format: a bare pickle stream
+        path.write_bytes(pickle.dumps(checkpoint, protocol=2))
+    else:
+        torch.save(checkpoint, path)
+    # The payload is live: an unrestricted load runs it (the legacy reader then fails on the missing magic number).
+    try:
+        torch.load(path, weights_only=False)
+    except RuntimeError:
+        pass
+    assert marker.exists(), "the test payload should run under an unsafe load"
+    marker.unlink()
+    return path
+
+
+def one_line_error(stderr: str, *words: str) -> str:
+    """The single `prog: error: ...` line a failing command printed last, with no traceback before it."""
+    assert "Traceback" not in stderr, stderr
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if ": error: " in line]
+    assert len(errors) == 1 and lines[-1] == errors[0], stderr
+    for word in words:
+        assert word in errors[0], errors[0]
+    return errors[0]
+
+
+def run_main(module, argv: list[str], capsys) -> tuple[int, str]:
+    """Call a script's main() in-process; returns (exit code, stderr)."""
+    try:
+        code = module.main(argv)
+    except SystemExit as exit_:
+        code = exit_.code
+    return code, capsys.readouterr().err
+
+
+def written_checkpoints(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.suffix in (".ckpt", ".tmp"))
+
+
+@pytest.fixture
+def no_torch_default(monkeypatch):
+    """Make every torch.load that does not itself pass weights_only=True unpickle freely, so the tests below show the
+    code's own protection rather than torch's current default."""
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+
+
+@pytest.fixture(scope="module")
+def good_ckpt(tiny_ckpt) -> dict:
+    return torch.load(tiny_ckpt, weights_only=True)
+
+
+# ----- checkpoints: nothing executes on load -----------------------------------------------------------------------
+@pytest.mark.parametrize("raw_pickle", [False, True], ids=["zip", "legacy-pickle"])
+def test_malicious_checkpoint_is_refused_and_does_not_run(tmp_path, good_ckpt, no_torch_default, raw_pickle):
+    marker = tmp_path / "pwned"
+    path = write_malicious(tmp_path / "evil.ckpt", marker, good_ckpt, raw_pickle)
+    with pytest.raises(CheckpointError) as err:
+        load_cvae(path)
+    message = str(err.value)
+    assert str(path) in message and "\n" not in message
+    assert ("refused" in message and "exec" in message) if not raw_pickle else ("refused" in message
+                                                                                or "damaged" in message)
+    assert not marker.exists()
+
+
+def test_resume_from_a_malicious_last_ckpt_is_refused(tmp_path, data_dir, good_ckpt, no_torch_default, capsys):
+    run_dir, marker = tmp_path / "run", tmp_path / "pwned"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    write_malicious(run_dir / "checkpoints" / "last.ckpt", marker, good_ckpt)
+    code, err = run_main(train, ["--resume", "--run-dir", str(run_dir), "--ckpt", str(tmp_path / "out.ckpt"),
+                                 "--data-dir", str(data_dir), *TINY], capsys)
+    assert code != 0
+    one_line_error(err, "cannot resume", "refused", "last.ckpt")
+    assert not marker.exists() and not (tmp_path / "out.ckpt").exists()
+
+
+def test_lightning_resume_path_loads_through_the_safe_reader(tmp_path, good_ckpt, no_torch_default):
+    """Even without train.py's check before fit, Trainer.fit(ckpt_path=...) reads through AtomicCheckpointIO."""
+    marker = tmp_path / "pwned"
+    evil = write_malicious(tmp_path / "evil.ckpt", marker, good_ckpt)
+    args = train.parse_args(["--run-dir", str(tmp_path / "run"), "--ckpt", str(tmp_path / "out.ckpt"), *TINY])
+    trainer = train.build_trainer(args)
+    assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+    batches = DataLoader([(torch.rand(4, 1, 28, 28), torch.arange(4))], batch_size=None)
+    with pytest.raises(CheckpointError, match="refused"):
+        trainer.fit(CVAE(), train_dataloaders=batches, ckpt_path=evil)
+    assert not marker.exists()
+
+
+def test_every_load_in_the_repo_is_weights_only():
+    """torch.load anywhere in the scripts must pass weights_only=True, and nothing may use Lightning's
+    load_from_checkpoint or plain pickle.load (the data module's numpy-only unpickler is the one allowed subclass)."""
+    offenders = []
+    for source in sorted(ROOT.glob("*.py")):
+        for node in ast.walk(ast.parse(source.read_text(), str(source))):
+            if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Attribute):
+                continue
+            name = node.func.attr
+            owner = node.func.value.id if isinstance(node.func.value, ast.Name) else ""
+            safe = any(k.arg == "weights_only" and isinstance(k.value, ast.Constant) and k.value.value is True
+                       for k in node.keywords)
+            if (owner == "torch" and name == "load" and not safe) or name == "load_from_checkpoint" \
+                    or (owner == "pickle" and name in ("load", "loads")):
+                offenders.append(f"{source.name}:{node.lineno}")
+    assert not offenders, f"unsafe loads at {offenders}"
+
+
+# ----- checkpoints: damaged or foreign files give one line ---------------------------------------------------------
+def _flip_bytes(data: bytes) -> bytes:
+    middle = len(data) // 2  # inside the first weight tensor
+    return data[:middle] + bytes(b ^ 0xFF for b in data[middle:middle + 64]) + data[middle + 64:]
+
+
+def _edited(edit):
+    """A maker of the good checkpoint changed by edit(checkpoint)."""
+    def make(good: dict, good_bytes: bytes) -> dict:
+        checkpoint = copy.deepcopy(good)
+        edit(checkpoint)
+        return checkpoint
+    return make
+
+
+def _hparam(name, value):
+    return _edited(lambda c: c["hyper_parameters"].__setitem__(name, value))
+
+
+def _prior(name, make_value):
+    return _edited(lambda c: c["fitted_prior"].__setitem__(name, make_value(c["fitted_prior"])))
+
+
+# name -> (make(good checkpoint, its bytes) -> file content: bytes, an object to torch.save, or None for no file;
+#          a word the one-line error must contain)
+DAMAGE = {
+    "missing": (lambda g, b: None, "not found"),
+    "empty": (lambda g, b: b"", "empty"),
+    "truncated": (lambda g, b: b[: len(b) // 2], "truncated"),
+    "truncated-tail": (lambda g, b: b[:-20], "truncated"),
+    "flipped-bytes": (lambda g, b: _flip_bytes(b), "CRC"),
+    "text": (lambda g, b: b"hello, this is not a checkpoint\n", "damaged"),
+    "random-bytes": (lambda g, b: bytes(range(256)) * 64, "damaged"),
+    "not-a-dict": (lambda g, b: [1, 2, 3], "no state_dict"),
+    "no-hyper-parameters": (lambda g, b: {"state_dict": g["state_dict"]}, "hyper-parameters"),
+    "another-model": (lambda g, b: {"state_dict": {"conv1.weight": torch.zeros(64, 3, 7, 7)},
+                                    "hyper_parameters": {"num_layers": 18}}, "not a CVAE"),
+    "other-latent-size": (_hparam("latent_dim", 8), "does not match"),
+    "other-layer-sizes": (_hparam("encoder_dims", [512, 256, 64]), "does not match"),
+    "tensor-of-another-shape": (_edited(lambda c: c["state_dict"].__setitem__("encoder.mean.weight",
+                                                                              torch.zeros(3, 3))), "does not match"),
+    "state-dict-not-a-dict": (_edited(lambda c: c.__setitem__("state_dict", [1, 2])), "does not match"),
+    # Sizes that would need terabytes if the model were built before its shapes are checked against the file.
+    "huge-layers": (_hparam("encoder_dims", [10**6, 10**6, 10**6]), "does not match"),
+    "negative-size": (_hparam("encoder_dims", [-1]), "not a CVAE"),
+    "string-size": (_hparam("latent_dim", "2"), "not a CVAE"),
+    "nan-weights": (_edited(lambda c: c["state_dict"]["decoder.out.0.weight"].fill_(float("nan"))), "NaN"),
+    "prior-of-another-shape": (_prior("means", lambda p: torch.zeros(10, 1, 5)), "fitted_prior"),
+    "prior-of-ints": (_prior("weights", lambda p: p["weights"].long()), "fitted_prior"),
+}
+
+
+@pytest.mark.parametrize("case", DAMAGE)
+def test_damaged_or_foreign_checkpoint_is_one_line_naming_the_file(case, tmp_path, tiny_ckpt, good_ckpt):
+    make, word = DAMAGE[case]
+    content = make(good_ckpt, tiny_ckpt.read_bytes())
+    path = tmp_path / "cvae.ckpt"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content is not None:
+        torch.save(content, path)
+    with pytest.raises(CheckpointError) as err:
+        load_cvae(path)
+    message = str(err.value)
+    assert str(path) in message and word in message and "\n" not in message and len(message) < 600, message
+
+
+def test_a_directory_is_not_a_checkpoint(tmp_path):
+    with pytest.raises(CheckpointError, match="not a file"):
+        load_cvae(tmp_path)
+
+
+def script_module(script: str):
+    """test.py or gradio_test.py imported by path (`import test` could find the standard library's package)."""
+    if not (ROOT / script).is_file():
+        pytest.skip(f"{script} is not in this checkout")
+    if script != "test.py":
+        return importlib.import_module(Path(script).stem)
+    name = "reliability_test_script"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, ROOT / script)
+        sys.modules[name] = importlib.util.module_from_spec(spec)  # gradio looks its classes up there
+        spec.loader.exec_module(sys.modules[name])
+    return sys.modules[name]
+
+
+def bad_checkpoint(case: str, folder: Path, tiny_ckpt: Path, good: dict) -> tuple[Path, Path]:
+    """(a damaged or malicious cvae.ckpt in folder, the file the malicious one would create)."""
+    path, marker = folder / "cvae.ckpt", folder / "pwned"
+    if case == "damaged":
+        path.write_bytes(tiny_ckpt.read_bytes()[:5000])
+    else:
+        write_malicious(path, marker, good)
+    return path, marker
+
+
+def script_args(script: str, ckpt: Path, folder: Path) -> list[str]:
+    extra = ["--out-dir", str(folder / "out")] if script == "test.py" else ["--port", "7999"]
+    return ["--ckpt", str(ckpt), *extra]
+
+
+@pytest.mark.parametrize("script", ["test.py", "gradio_test.py"])
+@pytest.mark.parametrize("case", ["damaged", "malicious"])
+def test_scripts_refuse_bad_checkpoints_in_one_line(script, case, tmp_path, tiny_ckpt, good_ckpt, no_torch_default,
+                                                    capsys):
+    """Non-zero exit, one line naming the file, nothing written, the payload not run."""
+    module = script_module(script)
+    path, marker = bad_checkpoint(case, tmp_path, tiny_ckpt, good_ckpt)
+    code, err = run_main(module, script_args(script, path, tmp_path), capsys)
+    assert code not in (0, None)
+    one_line_error(err, str(path), "refused" if case == "malicious" else "damaged")
+    assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+def test_the_real_command_line_refuses_a_malicious_checkpoint(tmp_path, tiny_ckpt, good_ckpt):
+    """The same through a real interpreter: exit status, no traceback, no payload."""
+    if not (ROOT / "test.py").is_file():
+        pytest.skip("test.py is not in this checkout")
+    path, marker = bad_checkpoint("malicious", tmp_path, tiny_ckpt, good_ckpt)
+    env = {**os.environ, "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"}
+    result = subprocess.run([sys.executable, "test.py", *script_args("test.py", path, tmp_path)], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    one_line_error(result.stderr, str(path), "refused")
+    assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+# ----- checkpoints: writes are atomic ------------------------------------------------------------------------------
+def test_a_failed_save_keeps_the_previous_file_and_leaves_no_temp(tmp_path, monkeypatch):
+    path = tmp_path / "cvae.ckpt"
+    atomic_torch_save({"state_dict": {"w": torch.ones(1000)}}, path)
+
+    def half_then_fail(obj, f):
+        f.write(b"PK\x03\x04 half a checkpoint")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", half_then_fail)
+    with pytest.raises(OSError):
+        atomic_torch_save({"state_dict": {"w": torch.zeros(1000)}}, path)
+    monkeypatch.undo()
+    assert torch.equal(safe_torch_load(path)["state_dict"]["w"], torch.ones(1000))
+    assert [p.name for p in tmp_path.iterdir()] == ["cvae.ckpt"]
+
+
+def test_a_kill_in_the_middle_of_a_save_leaves_the_previous_file(tmp_path):
+    """SIGKILL while the new checkpoint is half written: the old one is still whole under the final name."""
+    path = tmp_path / "cvae.ckpt"
+    atomic_torch_save({"state_dict": {"w": torch.ones(1000)}}, path)
+    script = f"""
+import os, signal, sys, torch
+sys.path.insert(0, {str(ROOT)!r})
+from common import atomic_torch_save
+def half_then_die(obj, f):
+    f.write(b"PK\\x03\\x04 half a checkpoint"); f.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+torch.save = half_then_die
+atomic_torch_save({{"state_dict": {{"w": torch.zeros(1000)}}}}, {str(path)!r})
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120)
+    assert result.returncode == -signal.SIGKILL
+    assert torch.equal(safe_torch_load(path)["state_dict"]["w"], torch.ones(1000))
+    # The half-written file was a hidden temporary next to the target, never the target itself.
+    leftovers = [p.name for p in tmp_path.iterdir() if p != path]
+    assert len(leftovers) == 1 and leftovers[0].startswith(".cvae.ckpt.") and leftovers[0].endswith(".tmp")
+
+
+def test_lightning_saves_through_a_temporary_in_the_same_folder(tmp_path, monkeypatch):
+    args = train.parse_args(["--run-dir", str(tmp_path / "run"), "--ckpt", str(tmp_path / "out.ckpt"), *TINY])
+    checkpoint_io = train.build_trainer(args).strategy.checkpoint_io
+    renames = []
+    real_replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda src, dst: (renames.append((Path(src), Path(dst))),
+                                                         real_replace(src, dst)))
+    target = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    checkpoint_io.save_checkpoint({"state_dict": {"w": torch.ones(3)}}, target)
+    assert len(renames) == 1 and renames[0][1] == target and renames[0][0].parent == target.parent
+    assert safe_torch_load(target)["state_dict"]["w"].sum() == 3
+    # Readable like a file torch.save would have made (mkstemp alone gives 0600).
+    umask = os.umask(0)
+    os.umask(umask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+# ----- bad command-line input: one line, non-zero exit, nothing written --------------------------------------------
+BAD_FLAGS = [
+    (["--epochs", "0"], "--epochs"),
+    (["--epochs", "2.5"], "--epochs"),
+    (["--lr", "-1"], "--lr"),
+    (["--lr", "0"], "--lr"),
+    (["--lr", "nan"], "--lr"),
+    (["--batch-size", "abc"], "--batch-size"),
+    (["--batch-size", "0"], "--batch-size"),
+    (["--kl-weight", "-1"], "--kl-weight"),
+    (["--latent-dim", "0"], "--latent-dim"),
+    (["--val-size", "60000"], "--val-size"),
+    (["--train-size", "59000", "--val-size", "5000"], "--train-size"),
+    (["--accelerator", "foo"], "--accelerator"),
+    pytest.param(["--accelerator", "mps"], "MPS", marks=pytest.mark.skipif(torch.backends.mps.is_available(),
+                                                                            reason="this host has MPS")),
+    (["--devices", "abc"], "trainer"),
+    (["--devices", "0"], "trainer"),
+    (["--strategy", "foo"], "strategy"),
+    (["--precision", "99"], "recision"),
+    (["--no-such-flag"], "unrecognized"),
+    (["--ckpt", "{tmp}"], "directory"),
+    (["--ckpt", "{file}/cvae.ckpt"], "not a writable directory"),
+    (["--ckpt", "/proc/cvae.ckpt"], "not a writable directory"),  # os.access says yes here to root
+    (["--run-dir", "/proc/run"], "not a writable directory"),
+    (["--data-dir", "{file}"], "not a directory"),
+    (["--data-dir", "/proc/mnist"], "data dir"),
+    (["--resume"], "no checkpoint"),
+]
+
+
+@pytest.mark.parametrize("flags, word", BAD_FLAGS,
+                         ids=[" ".join(getattr(case, "values", case)[0]) for case in BAD_FLAGS])
+def test_bad_flags_are_one_line_and_nothing_is_written(flags, word, tmp_path, data_dir, monkeypatch, capsys):
+    afile = tmp_path / "a-file"
+    afile.write_text("x")
+    flags = [f.format(tmp=tmp_path, file=afile) for f in flags]
+    monkeypatch.setattr(train.pl.Trainer, "fit", lambda *a, **k: pytest.fail("bad flags reached training"))
+    defaults = ["--ckpt", str(tmp_path / "cvae.ckpt"), "--run-dir", str(tmp_path / "run"),
+                "--data-dir", str(data_dir)]
+    code, err = run_main(train, defaults + flags, capsys)
+    assert code not in (0, None)
+    one_line_error(err, word)
+    assert written_checkpoints(tmp_path) == []
+
+
+def test_unwritable_probe_leaves_nothing_behind(tmp_path):
+    check_output_file(tmp_path / "sub" / "cvae.ckpt", "checkpoint")
+    assert list(tmp_path.iterdir()) == []
+
+
+# ----- damaged data: detected and reported, not trained on ---------------------------------------------------------
+def _damaged_data_dir(data_dir: Path, tmp_path: Path, name: str, damage) -> Path:
+    """A copy of the data dir (links to the real files) in which `name` is replaced by damage(its bytes)."""
+    out = tmp_path / "data"
+    raw = raw_dir(out)
+    raw.mkdir(parents=True)
+    for pair in RAW_FILES.values():
+        for file in pair:
+            (raw / file).symlink_to(raw_dir(data_dir) / file)
+    data = (raw / name).read_bytes()
+    (raw / name).unlink()
+    (raw / name).write_bytes(damage(data))
+    return out
+
+
+def _relabel(data: bytes) -> bytes:
+    header, labels = data[:8], bytearray(data[8:])
+    labels[:500] = bytes(500)  # 500 more zeros: the right count of labels, the wrong histogram
+    return header + bytes(labels)
+
+
+DATA_DAMAGE = [
+    ("train-images-idx3-ubyte", lambda d: d[: len(d) // 3], "cannot read the MNIST train files"),
+    ("train-images-idx3-ubyte", lambda d: d + bytes(784), "cannot read the MNIST train files"),
+    ("train-labels-idx1-ubyte", lambda d: d[:-1000], "cannot read the MNIST train files"),
+    ("train-labels-idx1-ubyte", _relabel, "label counts"),
+    ("t10k-labels-idx1-ubyte", _relabel, "label counts"),
+]
+
+
+@pytest.mark.parametrize("name, damage, word", DATA_DAMAGE,
+                         ids=["images-truncated", "images-too-long", "labels-truncated", "train-label-counts",
+                              "test-label-counts"])
+def test_damaged_mnist_is_reported_and_not_trained_on(name, damage, word, data_dir, tmp_path, capsys):
+    damaged = _damaged_data_dir(data_dir, tmp_path, name, damage)
+    code, err = run_main(train, ["--data-dir", str(damaged), "--ckpt", str(tmp_path / "cvae.ckpt"),
+                                 "--run-dir", str(tmp_path / "run"), "--epochs", "1", *TINY], capsys)
+    assert code == 1
+    one_line_error(err, word)
+    assert written_checkpoints(tmp_path) == []
+
+
+# ----- interrupted training ----------------------------------------------------------------------------------------
+def start_training(tmp_path: Path, name: str, data_dir: Path, *extra: str) -> tuple[subprocess.Popen, Path, Path]:
+    """train.py in a subprocess; returns (process, its run dir, its final checkpoint path)."""
+    run_dir, ckpt = tmp_path / f"{name}-run", tmp_path / f"{name}.ckpt"
+    log = open(tmp_path / f"{name}.log", "a")  # files, not pipes: a full pipe would stall the child
+    proc = subprocess.Popen([sys.executable, "train.py", "--epochs", str(EPOCHS), "--data-dir", str(data_dir),
+                             "--run-dir", str(run_dir), "--ckpt", str(ckpt), *TINY, *ONE_THREAD, *extra],
+                            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, text=True)
+    log.close()
+    return proc, run_dir, ckpt
+
+
+def finish(proc: subprocess.Popen, timeout: float = 300) -> int:
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        raise
+
+
+def wait_for_first_epoch(proc: subprocess.Popen, run_dir: Path, timeout: float = 300) -> None:
+    last, deadline = train.last_checkpoint(run_dir), time.monotonic() + timeout
+    while not last.exists():
+        assert proc.poll() is None, f"training ended (exit {proc.returncode}) before its first checkpoint"
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail("no per-epoch checkpoint within the time limit")
+        time.sleep(0.05)
+
+
+def assert_same_run(ckpt: Path, reference: Path) -> None:
+    """Finished at the same epoch and step, with bit-identical weights."""
+    got, want = safe_torch_load(ckpt), safe_torch_load(reference)
+    assert (got["epoch"], got["global_step"]) == (want["epoch"], want["global_step"]) == (EPOCHS, EPOCHS * 20)
+    for name, tensor in want["state_dict"].items():
+        assert torch.equal(got["state_dict"][name], tensor), name
+    load_cvae(ckpt)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(data_dir, tmp_path_factory):
+    """SLOW: the reference run, EPOCHS epochs without a break. It starts at once and runs alongside the test that
+    first asks for it; calling the fixture's value waits for it and returns its checkpoint."""
+    proc, _, ckpt = start_training(tmp_path_factory.mktemp("reference"), "reference", data_dir)
+
+    def result() -> Path:
+        assert finish(proc) == 0 and ckpt.is_file()
+        return ckpt
+
+    yield result
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+def test_sigkill_then_resume_finishes_like_an_uninterrupted_run(tmp_path, data_dir, uninterrupted):
+    """SLOW: kill -9 after the first per-epoch checkpoint, resume, and get the uninterrupted run's weights."""
+    proc, run_dir, ckpt = start_training(tmp_path, "killed", data_dir)
+    wait_for_first_epoch(proc, run_dir)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    proc.kill()
+    assert proc.wait() == -signal.SIGKILL
+    saved = safe_torch_load(train.last_checkpoint(run_dir))  # whole, not half written
+    assert saved["epoch"] < EPOCHS - 1 and not ckpt.exists()
+    proc, _, _ = start_training(tmp_path, "killed", data_dir, "--resume")
+    assert finish(proc) == 0, (tmp_path / "killed.log").read_text()
+    assert f"Resuming from {train.last_checkpoint(run_dir)}" in (tmp_path / "killed.log").read_text()
+    assert_same_run(ckpt, uninterrupted())
+
+
+def test_ctrl_c_saves_says_how_to_resume_and_resume_finishes(tmp_path, data_dir, uninterrupted):
+    """SLOW: SIGINT in the middle of the second epoch: exit 130, the resume command, an intact last.ckpt."""
+    proc, run_dir, ckpt = start_training(tmp_path, "interrupted", data_dir)
+    wait_for_first_epoch(proc, run_dir)
+    time.sleep(0.2)  # into the second epoch's batches
+    proc.send_signal(signal.SIGINT)
+    assert finish(proc) == 130
+    log = (tmp_path / "interrupted.log").read_text()
+    assert "Traceback" not in log
+    hint = log.split("Continue with: python train.py ")[-1].splitlines()[0]
+    assert f"--run-dir {run_dir}" in hint and "--train-size 1000" in hint and hint.endswith("--resume"), log
+    assert safe_torch_load(train.last_checkpoint(run_dir))["epoch"] < EPOCHS - 1 and not ckpt.exists()
+    proc, _, _ = start_training(tmp_path, "interrupted", data_dir, "--resume")
+    assert finish(proc) == 0, (tmp_path / "interrupted.log").read_text()
+    assert_same_run(ckpt, uninterrupted())
+
+
+def test_resume_with_other_model_settings_is_refused(tmp_path, data_dir, uninterrupted, capsys):
+    """A last.ckpt of a run with another latent size: one line before training, not a size-mismatch traceback."""
+    reference = uninterrupted()
+    run_dir = tmp_path / "run"
+    train.last_checkpoint(run_dir).parent.mkdir(parents=True)
+    shutil.copy(train.last_checkpoint(reference.with_name("reference-run")), train.last_checkpoint(run_dir))
+    before = train.last_checkpoint(run_dir).read_bytes()
+    resume = ["--resume", "--epochs", "4", "--run-dir", str(run_dir), "--ckpt", str(tmp_path / "b.ckpt"),
+              "--data-dir", str(data_dir), *TINY]
+    code, err = run_main(train, [*resume, "--latent-dim", "3"], capsys)
+    assert code == 1
+    one_line_error(err, "cannot resume", "latent_dim 2 in the checkpoint, 3 now")
+    assert train.last_checkpoint(run_dir).read_bytes() == before and not (tmp_path / "b.ckpt").exists()
+    # A weights-only file (what cvae.ckpt is) cannot be resumed from either.
+    shutil.copy(reference, train.last_checkpoint(run_dir))
+    code, err = run_main(train, resume, capsys)
+    assert code == 1
+    one_line_error(err, "no training state")
+    assert not (tmp_path / "b.ckpt").exists()
