@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-EPOCH_TIME = re.compile(r"^epoch \d+(?:/\d+)?:.*?\b([\d.]+) ?s\b", re.M)
+EPOCH_TIME = re.compile(r"epoch \d+(?:/\d+)?:[^\n\r]*?\b([\d.]+) ?s\b")  # progress bars may share the line
 
 
 def variants(epochs: int, tmp: Path, extra: list[str]) -> dict[str, list[str]]:
@@ -46,6 +46,8 @@ def run(cmd: list[str], env: dict[str, str]) -> tuple[float, list[float], float]
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed with exit code {proc.returncode}:\n{out[-2000:]}")
     epochs = [float(s) for s in EPOCH_TIME.findall(out)]
+    if len(epochs) == 0:
+        raise SystemExit(f"no 'epoch N: ... S s' lines in the output of {' '.join(cmd)}:\n{out[-2000:]}")
     return wall, epochs, usage.ru_maxrss / 1024  # Linux reports KiB
 
 def main() -> None:
