@@ -150,7 +150,8 @@ class EpochSummary(Callback):
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking or not trainer.is_global_zero:
             return
-        m = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        # The module logs its train terms after this hook runs (callbacks go first), so ask it directly.
+        m = {**{k: float(v) for k, v in trainer.callback_metrics.items()}, **pl_module.train_epoch_means()}
         parts = [f"{name} {m[name]:.2f}" for name in ("train_loss", "train_recon", "train_kl",
                                                       "val_loss", "val_recon", "val_kl") if name in m]
         print(f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}: " + ", ".join(parts)
