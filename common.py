@@ -1,10 +1,9 @@
-"""Pieces the three scripts share: one-line CLI errors, argument checks, safe checkpoint I/O, seeding."""
+"""Pieces the three scripts share: one-line CLI errors, argument checks, safe checkpoint I/O."""
 from __future__ import annotations
 
 import argparse
 import os
 import pickle
-import random
 import sys
 import tempfile
 import warnings
@@ -89,13 +88,6 @@ def check_data_dir(path: Path) -> None:
             raise UsageError(f"data dir {path} is not readable")
     else:
         check_output_file(path / "x", "data dir")
-
-
-def set_seed(seed: int) -> None:
-    """Seed python, numpy and torch (CPU and CUDA)."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 # ----- checkpoints -------------------------------------------------------------------------------------------------
