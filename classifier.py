@@ -132,6 +132,8 @@ def train_classifier(images: torch.Tensor, labels: torch.Tensor, config: Classif
     ran 10x slower than one (measured on the project's shared 2-core machine), and the result no longer depends on
     the thread count.
     """
+    from dataset import to_float_images  # here, like load_split below: keeps importing classifier light
+
     devices = [torch.device(device)] if torch.device(device).type == "cuda" else []
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -142,7 +144,7 @@ def train_classifier(images: torch.Tensor, labels: torch.Tensor, config: Classif
             opt = torch.optim.Adam(model.parameters(), lr=config.lr)
             steps = config.epochs * -(-len(images) // config.batch_size)
             schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1 - step / steps)
-            x_all = images.float().div(255).unsqueeze(1).to(device)  # (N, 1, 28, 28)
+            x_all = to_float_images(images).to(device)  # (N, 1, 28, 28)
             y_all = labels.long().to(device)
             order_gen = torch.Generator().manual_seed(config.seed)
             model.train()

@@ -137,6 +137,12 @@ def verify_split(images: torch.Tensor, labels: torch.Tensor, train: bool) -> Non
         raise DataError(f"MNIST {split} label counts {found} differ from the official {counts}")
 
 
+def to_float_images(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (N, 28, 28) -> float32 (N, 1, 28, 28) in [0, 1]: uint8 / 255, as torchvision's ToTensor. The one place
+    the model's input scaling is defined; training, evaluation and the classifier all go through it."""
+    return images.float().div_(255).unsqueeze(1)
+
+
 # ----- batching ----------------------------------------------------------------------------------------------------
 class TensorPairDataset(Dataset):
     """(images, labels) indexed by a whole tensor of indices at once: one gather per batch instead of one
@@ -214,7 +220,7 @@ class MNISTDataModule(pl.LightningDataModule):
         test_images, test_labels = load_split(self.data_dir, train=False)
         for name, x, y in (("train", images[train_idx], labels[train_idx]), ("val", images[val_idx], labels[val_idx]),
                            ("test", test_images, test_labels)):
-            x = x.float().div_(255).unsqueeze(1)  # (N, 1, 28, 28)
+            x = to_float_images(x)
             # On CUDA the whole set lives on the device, so a batch is a gather in GPU memory.
             self.splits[name] = TensorPairDataset(x.to(self.device) if self.device else x,
                                                   y.to(self.device) if self.device else y)

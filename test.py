@@ -43,10 +43,10 @@ SCATTER_CAPTION = ("In a CVAE the decoder is given the label, so z need not enco
 # ----- computations (no plotting) ---------------------------------------------------------------------------------
 def load_test_set(data_dir: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
     """The verified MNIST test set: images float (10000, 1, 28, 28) in [0, 1] (uint8 / 255, as in training), labels."""
-    from dataset import load_split
+    from dataset import load_split, to_float_images
 
     images, labels = load_split(data_dir, train=False)
-    return images.float().div(255).unsqueeze(1), labels
+    return to_float_images(images), labels
 
 
 @torch.no_grad()
