@@ -112,10 +112,8 @@ def test_generate_is_the_models_decode(served, digit, z0, z1):
     _, model, client = served
     png = read_png(client.predict(digit, z0, z1, api_name="/generate"))
     want = decoded(model, [[z0, z1]], [digit])[0]
-    assert png.shape == (28 * ui.SCALE, 28 * ui.SCALE)
-    # Nearest-neighbour upscaling: every model pixel is a solid SCALE x SCALE square.
-    assert_same_pixels(png, np.kron(png[::ui.SCALE, ::ui.SCALE], np.ones((ui.SCALE, ui.SCALE), np.uint8)))
-    assert_same_pixels(png[::ui.SCALE, ::ui.SCALE], want)
+    assert png.shape == (28, 28)  # the model's own pixels; the page scales them up
+    assert_same_pixels(png, want)
 
 
 def test_style_row_is_every_label_at_the_same_z(served):
@@ -217,7 +215,7 @@ def test_bad_input_is_a_visible_error_and_the_next_request_works(served, tmp_pat
         assert word in err.value.message, (endpoint, args, err.value.message)
         assert "Traceback" not in err.value.message
     png = read_png(client.predict(4, 0.5, 0.5, api_name="/generate"))
-    assert_same_pixels(png[::ui.SCALE, ::ui.SCALE], decoded(model, [[0.5, 0.5]], [4])[0])
+    assert_same_pixels(png, decoded(model, [[0.5, 0.5]], [4])[0])
 
 
 def test_nan_and_inf_are_refused(served):
@@ -255,7 +253,7 @@ def test_many_clients_at_once(served, tmp_path):
             else:
                 digit, z0 = good
                 png = read_png(job.result(timeout=120))
-                assert_same_pixels(png[::ui.SCALE, ::ui.SCALE], decoded(model, [[z0, -z0]], [digit])[0])
+                assert_same_pixels(png, decoded(model, [[z0, -z0]], [digit])[0])
     finally:
         for client in clients[1:]:
             client.close()
@@ -265,7 +263,7 @@ def test_wide_latent_fixes_the_other_dims_at_zero(tmp_path):
     model = load_cvae(save_untrained(tmp_path / "wide.ckpt", latent_dim=5))
     explorer = ui.Explorer(model)
     png = explorer.generate(2, 1.0, -1.0)
-    assert_same_pixels(png[::ui.SCALE, ::ui.SCALE], decoded(model, [[1.0, -1.0, 0, 0, 0]], [2])[0])
+    assert_same_pixels(png, decoded(model, [[1.0, -1.0, 0, 0, 0]], [2])[0])
     assert "z2…z4 stay fixed at 0" in ui.page_notes(explorer)[1]
     assert explorer.manifold(2, 0.0, 0.0).shape == (ui.GRID * 28, ui.GRID * 28, 3)
     assert isinstance(ui.build_app(model), ui.gr.Blocks)  # builds (and serves nothing)
@@ -341,6 +339,10 @@ def test_page_in_a_real_browser(served):
             image, row = page.locator("#digit-image img"), page.locator("#style-row img")
             z0, z1 = page.locator("#z0 input[type=number]"), page.locator("#z1 input[type=number]")
             expect(image).to_be_visible(timeout=60_000)
+            # The server sends the digit at 28 x 28; the page must show it large, not as a 28 px thumbnail.
+            assert image.evaluate("img => img.naturalWidth") == 28
+            shown = image.bounding_box()
+            assert min(shown["width"], shown["height"]) >= 250, shown
             expect(page.get_by_text("Same style, all ten digits")).to_be_visible()
             expect(page.get_by_text("fitted" if model.fitted_prior is not None else "N(0, I)").first).to_be_visible()
 
