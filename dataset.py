@@ -145,17 +145,21 @@ def to_float_images(images: torch.Tensor) -> torch.Tensor:
 
 # ----- batching ----------------------------------------------------------------------------------------------------
 class TensorPairDataset(Dataset):
-    """(images, labels) indexed by a whole tensor of indices at once: one gather per batch instead of one
-    __getitem__ + collate per image."""
+    """Raw uint8 pixels and labels, indexed by a whole tensor of indices at once: one gather per batch instead of
+    one __getitem__ + collate per image. The pixels stay uint8 (a quarter of the memory of float32, 55 MB for the
+    training set instead of 172 MB) and each batch is scaled to [0, 1] floats by to_float_images as it is taken."""
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
-        self.images, self.labels = images, labels
+    def __init__(self, pixels: torch.Tensor, labels: torch.Tensor):
+        if pixels.dtype != torch.uint8:
+            raise TypeError(f"pixels must be uint8 (0..255), got {pixels.dtype}")
+        self.pixels, self.labels = pixels, labels
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.images[index], self.labels[index]
+        """-> (images (B, 1, 28, 28) float32 in [0, 1], labels (B,) int64)."""
+        return to_float_images(self.pixels[index]), self.labels[index]
 
 
 class BatchIndexSampler(Sampler):
@@ -190,7 +194,8 @@ class BatchIndexSampler(Sampler):
 class MNISTDataModule(pl.LightningDataModule):
     """MNIST with a seeded validation split held out of the 60k training images, and the 10k test set.
 
-    Images are float32 in [0, 1] (uint8 / 255, as torchvision's ToTensor), shape (N, 1, 28, 28); labels int64.
+    Batches are float32 images in [0, 1] (uint8 / 255, as torchvision's ToTensor), shape (B, 1, 28, 28), and int64
+    labels; `splits[name]` keeps the uint8 pixels (see TensorPairDataset).
     `train_size` keeps only the first N training images after the split (for quick experiments and tests).
     """
 
@@ -220,7 +225,6 @@ class MNISTDataModule(pl.LightningDataModule):
         test_images, test_labels = load_split(self.data_dir, train=False)
         for name, x, y in (("train", images[train_idx], labels[train_idx]), ("val", images[val_idx], labels[val_idx]),
                            ("test", test_images, test_labels)):
-            x = to_float_images(x)
             # On CUDA the whole set lives on the device, so a batch is a gather in GPU memory.
             self.splits[name] = TensorPairDataset(x.to(self.device) if self.device else x,
                                                   y.to(self.device) if self.device else y)

@@ -109,8 +109,8 @@ class CVAE(pl.LightningModule):
         self.decoder = Decoder(latent_dim, num_classes, decoder_dims, self.image_dim, dropout)
         # A density over z fitted after training (see prior.py); plain tensors, saved in the checkpoint.
         self.fitted_prior: dict[str, Any] | None = None
-        self._train_sums: torch.Tensor | None = None  # (loss, recon, kl) summed over this epoch's images
-        self._train_count = 0
+        # stage -> ((loss, recon, kl) summed over this epoch's images, number of images)
+        self._sums: dict[str, tuple[torch.Tensor, int]] = {}
 
     # ----- input handling -------------------------------------------------------------------------------------
     def _onehot(self, labels: torch.Tensor | Sequence[int] | int) -> torch.Tensor:
@@ -219,33 +219,45 @@ class CVAE(pl.LightningModule):
             kl_weight=self.current_kl_weight() if is_train else self.hparams.kl_weight,
             free_bits=self.hparams.free_bits if is_train else 0.0,
         )
-        if is_train:
-            # Summed here and logged once per epoch: each self.log call costs Lightning about a millisecond of
-            # bookkeeping, which at this model's size is a tenth of a training step.
-            terms = torch.stack([total, recon_loss, kl]).detach() * len(x)
-            self._train_sums = terms if self._train_sums is None else self._train_sums + terms
-            self._train_count += len(x)
-            return total
         # Validation/test report the plain ELBO terms so runs with different recipes compare directly.
-        total = recon_loss + self.hparams.kl_weight * kl
-        self.log_dict({f"{stage}_loss": total, f"{stage}_recon": recon_loss, f"{stage}_kl": kl},
-                      on_step=False, on_epoch=True, prog_bar=stage != "test", sync_dist=True, batch_size=len(x))
+        reported = total if is_train else recon_loss + self.hparams.kl_weight * kl
+        # Summed here and logged once per epoch (_log_epoch_means): each self.log call costs Lightning about a
+        # millisecond of bookkeeping, which at this model's size is a tenth of a training step.
+        terms = torch.stack([reported, recon_loss, kl]).detach() * len(x)
+        sums, count = self._sums.get(stage, (0, 0))
+        self._sums[stage] = (terms + sums, count + len(x))
         return total
 
-    def on_train_epoch_start(self) -> None:
-        self._train_sums, self._train_count = None, 0
-
-    def train_epoch_means(self) -> dict[str, float]:
-        """Mean train loss/recon/kl over the epoch so far (this process), as plain floats."""
-        if self._train_sums is None:
+    def epoch_means(self, stage: str) -> dict[str, float]:
+        """Mean loss/recon/kl of `stage` ("train", "val", "test") over the epoch so far (this process), as floats."""
+        if stage not in self._sums:
             return {}
-        means = (self._train_sums / self._train_count).tolist()
-        return dict(zip(("train_loss", "train_recon", "train_kl"), means))
+        sums, count = self._sums[stage]
+        return dict(zip((f"{stage}_loss", f"{stage}_recon", f"{stage}_kl"), (sums / count).tolist()))
+
+    def _log_epoch_means(self, stage: str) -> None:
+        # sync_dist averages the processes' means: equal weights, as every process sees as many batches.
+        means = self.epoch_means(stage)
+        if means:
+            self.log_dict(means, on_step=False, on_epoch=True, sync_dist=True, prog_bar=stage == "val")
+
+    def on_train_epoch_start(self) -> None:
+        self._sums.pop("train", None)
+
+    def on_validation_epoch_start(self) -> None:
+        self._sums.pop("val", None)
+
+    def on_test_epoch_start(self) -> None:
+        self._sums.pop("test", None)
 
     def on_train_epoch_end(self) -> None:
-        means = self.train_epoch_means()
-        if means:
-            self.log_dict(means, on_step=False, on_epoch=True, sync_dist=True)
+        self._log_epoch_means("train")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_epoch_means("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_epoch_means("test")
 
     def training_step(self, batch, batch_idx):
         return self._shared_step(batch, "train")

@@ -19,15 +19,26 @@ PRIOR_KINDS = ("per-class", "global")
 
 @torch.no_grad()
 def posterior_means(model, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 2_000) -> torch.Tensor:
-    """Mean of q(z | x, y) for every image, in eval mode: (N, latent_dim) on the CPU."""
+    """Mean of q(z | x, y) for every image, in eval mode: (N, latent_dim) on the CPU.
+
+    images: floats in [0, 1], or raw uint8 pixels (0..255), which are scaled batch by batch as training scaled them
+    (so the 55k training images never exist as one float tensor)."""
+    from dataset import to_float_images
+
     was_training = model.training
     model.eval()
     try:
-        return torch.cat([model.encode(images[i:i + batch_size].to(model.device),
-                                       labels[i:i + batch_size].to(model.device))[0].float().cpu()
-                          for i in range(0, len(images), batch_size)])
+        means = []
+        for i in range(0, len(images), batch_size):
+            x = images[i:i + batch_size]
+            x = to_float_images(x) if x.dtype == torch.uint8 else x
+            means.append(model.encode(x.to(model.device), labels[i:i + batch_size].to(model.device))[0].float().cpu())
+        return torch.cat(means)
     finally:
         model.train(was_training)
+
+
+REG_COVAR = 1e-5  # added to every covariance's diagonal, so a nearly flat cluster still has a valid Cholesky factor
 
 
 def fit_gmm_prior(z: torch.Tensor, labels: torch.Tensor, num_classes: int, kind: str = "per-class",
@@ -35,9 +46,9 @@ def fit_gmm_prior(z: torch.Tensor, labels: torch.Tensor, num_classes: int, kind:
     """Fit a full-covariance Gaussian mixture to codes z (N, D): one per class ("per-class") or one for all ("global").
 
     Returns {"kind", "weights" (C, K), "means" (C, K, D), "scale_tril" (C, K, D, D)} with C = num_classes or 1.
+    A single component is the codes' mean and (maximum-likelihood) covariance, which is where EM lands; more
+    components are fitted by scikit-learn's EM. Both add REG_COVAR to the diagonal, as scikit-learn does.
     """
-    from sklearn.mixture import GaussianMixture  # only needed when fitting
-
     if kind not in PRIOR_KINDS:
         raise ValueError(f"prior kind must be one of {PRIOR_KINDS}, got {kind!r}")
     z_np, y_np = z.double().numpy(), labels.cpu().numpy()
@@ -46,10 +57,20 @@ def fit_gmm_prior(z: torch.Tensor, labels: torch.Tensor, num_classes: int, kind:
     for group in groups:
         if len(group) < n_components * 2:
             raise ValueError(f"too few codes ({len(group)}) to fit {n_components} components")
-        gmm = GaussianMixture(n_components, covariance_type="full", reg_covar=1e-5, random_state=seed).fit(group)
-        weights.append(gmm.weights_)
-        means.append(gmm.means_)
-        tril.append(np.linalg.cholesky(gmm.covariances_))
+        d = group.shape[1]
+        if n_components == 1:
+            # Closed form; also keeps scikit-learn (about 50 MB of memory) out of the default train.py run.
+            weight, mean = np.ones(1), group.mean(axis=0, keepdims=True)
+            cov = (np.cov(group, rowvar=False, bias=True).reshape(d, d) + REG_COVAR * np.eye(d))[None]
+        else:
+            from sklearn.mixture import GaussianMixture  # only needed for mixtures
+
+            gmm = GaussianMixture(n_components, covariance_type="full", reg_covar=REG_COVAR,
+                                  random_state=seed).fit(group)
+            weight, mean, cov = gmm.weights_, gmm.means_, gmm.covariances_
+        weights.append(weight)
+        means.append(mean)
+        tril.append(np.linalg.cholesky(cov))
     return {
         "kind": kind,
         "weights": torch.tensor(np.stack(weights), dtype=torch.float32),

@@ -23,7 +23,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from common import ArgParser, CheckpointError, UsageError, bounded, check_output_file, fail, load_cvae
+from common import (ArgParser, CheckpointError, UsageError, bounded, check_output_file, fail, load_cvae,
+                    use_cached_cuda_check)
 from prior import posterior_means
 
 DPI = 100
@@ -413,6 +414,7 @@ def main(argv: list[str] | None = None) -> int:
 
     start = time.perf_counter()
     torch.set_num_threads(args.num_threads)
+    use_cached_cuda_check()  # the classifier's optimizer steps, as in train.py
     try:
         device = parse_device(args.device)
         check_output_file(args.out_dir / "metrics.json", "out dir")

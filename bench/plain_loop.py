@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import use_cached_cuda_check  # noqa: E402
 from dataset import MNISTDataModule  # noqa: E402
 from model import CVAE, elbo_loss  # noqa: E402
 
@@ -24,19 +25,21 @@ def main() -> None:
     p.add_argument("--data-dir", default="data", help="MNIST folder (default: data)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     args = p.parse_args()
+    # model.py imports Lightning, which makes torch's per-step CUDA check slow without a GPU; a loop that did not
+    # import Lightning would not pay for it, so undo it here exactly as train.py does.
+    use_cached_cuda_check()
     torch.manual_seed(args.seed)
     data = MNISTDataModule(args.data_dir, batch_size=args.batch_size, seed=args.seed)
     data.prepare_data()
     data.setup()
-    x, y = data.splits["train"].images, data.splits["train"].labels
-    xv, yv = data.splits["val"].images, data.splits["val"].labels
+    train, val = data.splits["train"], data.splits["val"]
     model = CVAE()
     opt = model.configure_optimizers()  # the same optimizer train.py uses
     for epoch in range(args.epochs):
         start = time.perf_counter()
         model.train()
-        for idx in torch.randperm(len(x)).split(args.batch_size):
-            xb, yb = x[idx], y[idx]
+        for idx in torch.randperm(len(train)).split(args.batch_size):
+            xb, yb = train[idx]  # the same uint8 gather + float scaling as train.py's batches
             recon, mean, logvar = model(xb, yb)
             loss, _, _ = elbo_loss(recon, xb, mean, logvar)
             opt.zero_grad(set_to_none=True)
@@ -45,11 +48,11 @@ def main() -> None:
         model.eval()
         val_loss = 0.0
         with torch.no_grad():
-            for idx in torch.arange(len(xv)).split(args.batch_size):
-                xb, yb = xv[idx], yv[idx]
+            for idx in torch.arange(len(val)).split(args.batch_size):
+                xb, yb = val[idx]
                 recon, mean, logvar = model(xb, yb)
                 val_loss += elbo_loss(recon, xb, mean, logvar)[0].item() * len(idx)
-        print(f"epoch {epoch + 1}: {time.perf_counter() - start:.2f} s (val loss {val_loss / len(xv):.2f})",
+        print(f"epoch {epoch + 1}: {time.perf_counter() - start:.2f} s (val loss {val_loss / len(val):.2f})",
               flush=True)
 
 

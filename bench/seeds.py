@@ -63,7 +63,7 @@ def main() -> None:
             data = MNISTDataModule(args.data_dir, seed=seed)
             data.setup()
             train_set = data.splits["train"]
-            z = posterior_means(model, train_set.images, train_set.labels)
+            z = posterior_means(model, train_set.pixels, train_set.labels)
             for kind, k in PRIOR_VARIANTS:
                 model.fitted_prior = fit_gmm_prior(z, train_set.labels, model.hparams.num_classes, kind, k, seed=seed)
                 g = evaluate(model, args.data_dir, args.samples_per_digit, seed=0, classifier=classifier,

@@ -56,6 +56,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=1, help="alternating rounds (default: 1)")
     p.add_argument("--threads", type=int, default=None, help="OMP/MKL threads for every variant "
                    "(default: torch's choice, all cores)")
+    p.add_argument("--skip-original", action="store_true", help="leave out the (slow) original pipeline")
     p.add_argument("--train-args", default="", help="extra flags for train.py, e.g. '--precision bf16-mixed'")
     args = p.parse_args()
     env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -65,6 +66,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for round_ in range(args.repeats):
             for name, cmd in variants(args.epochs, Path(tmp), args.train_args.split()).items():
+                if args.skip_original and name == "original pipeline":
+                    continue
                 print(f"[round {round_ + 1}] {name} ...", file=sys.stderr, flush=True)
                 results.setdefault(name, []).append(run(cmd, env))
     report(results, args.epochs)

