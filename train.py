@@ -77,6 +77,8 @@ def build_parser() -> ArgParser:
     g.add_argument("--precision", default="32-true", help="e.g. 32-true, bf16-mixed, 16-mixed")
     g.add_argument("--num-threads", type=bounded(int, 1), default=None,
                    help="CPU threads for torch (default: torch's choice)")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the encoder and decoder (needs a C++ compiler on CPU; see README: Performance)")
     g = p.add_argument_group("debugging")
     g.add_argument("--limit-train-batches", type=bounded(int, 1), default=None,
                    help="train on this many batches per epoch")
@@ -204,6 +206,10 @@ def main(argv: list[str] | None = None) -> int:
                            train_size=args.train_size, device=device if device.type == "cuda" else None)
     model = CVAE(latent_dim=args.latent_dim, lr=args.lr, kl_weight=args.kl_weight,
                  kl_warmup_epochs=args.kl_warmup_epochs, free_bits=args.free_bits)
+    if args.compile:
+        # In place, so the state_dict keys (and checkpoints) are the same as without compiling.
+        model.encoder.compile()
+        model.decoder.compile()
     if trainer.is_global_zero:
         print(f"Device: {device} ({trainer.num_devices} device(s) x {trainer.num_nodes} node(s), "
               f"precision {args.precision}, {torch.get_num_threads()} CPU threads)", flush=True)

@@ -14,6 +14,7 @@ import argparse
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,16 +49,20 @@ def main() -> None:
     rows, prior_rows = [], []
     for seed in args.seeds:
         ckpt = args.out_dir / f"seed{seed}.ckpt"
+        train_s = float("nan")  # a reused checkpoint has no training time
         if not (args.reuse and ckpt.is_file()):
             cmd = [sys.executable, "train.py", "--seed", str(seed), "--no-progress", "--data-dir", str(args.data_dir),
                    "--ckpt", str(ckpt), "--run-dir", str(args.out_dir / f"run{seed}"), *shlex.split(args.train_args)]
             print("$", " ".join(cmd), file=sys.stderr, flush=True)
+            start = time.perf_counter()
             subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+            train_s = time.perf_counter() - start  # the whole `python train.py` process
         model = load_cvae(ckpt)
         m = evaluate(model, args.data_dir, args.samples_per_digit, seed=0, classifier=classifier, log=lambda s: None)
         gen = m["generation"][m["prior_used"]]
-        rows.append((seed, m["test"]["kl_per_image"], m["test"]["kl_per_dim"], m["test"]["mse_per_pixel_posterior_mean"],
-                     m["prior_used"], gen["conditional_accuracy"], gen["fid"], m["reconstruction_fid"],
+        rows.append((seed, train_s, m["test"]["kl_per_image"], m["test"]["kl_per_dim"],
+                     m["test"]["mse_per_pixel_posterior_mean"], m["prior_used"], gen["conditional_accuracy"],
+                     gen["fid"], m["reconstruction_fid"],
                      m["generation"]["standard"]["conditional_accuracy"], m["generation"]["standard"]["fid"]))
         if args.compare_priors:
             data = MNISTDataModule(args.data_dir, seed=seed)
@@ -73,12 +78,13 @@ def main() -> None:
                                    g["reconstruction_fid"]))
 
     print(f"\ntrain.py {args.train_args or '(defaults)'}; judged by test.py's evaluate()\n")
-    print("| seed | KL (nats) | KL per dim | MSE/pixel | prior | cond. acc. | sample FID | recon FID "
+    print("| seed | train.py (s) | KL (nats) | KL per dim | MSE/pixel | prior | cond. acc. | sample FID | recon FID "
           "| FID gap | N(0,I) acc. | N(0,I) FID |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for seed, kl, kl_dims, mse, prior, acc, fid, rfid, sacc, sfid in rows:
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for seed, train_s, kl, kl_dims, mse, prior, acc, fid, rfid, sacc, sfid in rows:
         dims = ", ".join(f"{d:.2f}" for d in kl_dims)
-        print(f"| {seed} | {kl:.2f} | {dims} | {mse:.4f} | {prior} | {100 * acc:.2f}% | {fid:.1f} | {rfid:.1f} "
+        print(f"| {seed} | {train_s:.1f} | {kl:.2f} | {dims} | {mse:.4f} | {prior} | {100 * acc:.2f}% | {fid:.1f} "
+              f"| {rfid:.1f} "
               f"| {100 * (fid / rfid - 1):+.1f}% | {100 * sacc:.2f}% | {sfid:.1f} |")
     if prior_rows:
         print("\n| seed | fitted prior | cond. acc. | sample FID | recon FID |")

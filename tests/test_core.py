@@ -4,6 +4,7 @@ from __future__ import annotations
 import gzip
 import io
 import pickle
+import shutil
 
 import numpy as np
 import pytest
@@ -216,6 +217,21 @@ def test_few_batch_run_writes_a_checkpoint_that_loads_and_samples(tiny_ckpt):
     assert model.fitted_prior["means"].shape == (10, 1, 2)
     # Lightning's own loader works too, with no extra arguments.
     assert CVAE.load_from_checkpoint(tiny_ckpt, weights_only=True).sample([3]).shape == (1, 1, 28, 28)
+
+
+@pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
+                    reason="torch.compile on CPU needs a C compiler")
+def test_compile_flag_trains_and_writes_a_plain_checkpoint(data_dir, tmp_path):
+    """--compile compiles the two networks in place: training runs, and the checkpoint has the same keys as an
+    eager run's, so it loads anywhere without compiling."""
+    ckpt = tmp_path / "compiled.ckpt"
+    assert train.main(["--epochs", "1", "--limit-train-batches", "3", "--limit-val-batches", "1", "--compile",
+                       "--no-progress", "--prior", "none", "--data-dir", str(data_dir), "--ckpt", str(ckpt),
+                       "--run-dir", str(tmp_path / "run")]) == 0
+    state = safe_torch_load(ckpt)["state_dict"]
+    assert set(state) == set(CVAE().state_dict())
+    assert all(torch.isfinite(v).all() for v in state.values())
+    assert load_cvae(ckpt).sample(torch.arange(10)).shape == (10, 1, 28, 28)
 
 
 def test_same_seed_same_weights(data_dir, tmp_path):
