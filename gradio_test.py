@@ -224,8 +224,8 @@ class Explorer:
     # ----- the named endpoints ---------------------------------------------------------------------------------
     def generate(self, digit: int, z0: float, z1: float) -> np.ndarray:
         """Decode one digit at (z0, z1): the model's own (28, 28) uint8 image. The page scales it up with CSS
-        (pixelated, so every model pixel is a crisp square). Sending 28 px rather than 336 px cuts the PNG work per
-        request from 1.9 to 0.6 ms and the bytes tenfold, and a slider drag streams these."""
+        (pixelated, so every model pixel is a crisp square). Sending 28 px rather than 336 px cuts the server's PNG
+        work per request from 1.9 to 0.6 ms and the file from about 1.7 kB to 0.5 kB, and a slider drag streams these."""
         digit = check_digit(digit, self.num_classes)
         z0, z1 = check_z(z0, "z0"), check_z(z1, "z1")
         return self.decode(self.latent(z0, z1), [digit])[0]
