@@ -18,9 +18,11 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import IO
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,16 +87,18 @@ def measure(url: str, server_pid: int, clients: int, calls: int, client_kwargs: 
             "first_error": errors[0] if errors else ""}
 
 
-def start_server(ckpt: Path, port: int) -> subprocess.Popen:
-    """`python gradio_test.py` on 127.0.0.1:port; returns once it answers."""
+def start_server(ckpt: Path, port: int, log: IO[str]) -> subprocess.Popen:
+    """`python gradio_test.py` on 127.0.0.1:port, its output going to `log`; returns once it answers."""
     import httpx
 
+    # A file, not a pipe: nobody reads the server's output while it serves, and a full pipe would stall it.
     server = subprocess.Popen([sys.executable, "gradio_test.py", "--ckpt", str(ckpt), "--port", str(port)], cwd=ROOT,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                              stdout=log, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if server.poll() is not None:
-            raise SystemExit(f"gradio_test.py exited with code {server.returncode}:\n{server.stdout.read()[-2000:]}")
+            log.seek(0)
+            raise SystemExit(f"gradio_test.py exited with code {server.returncode}:\n{log.read()[-2000:]}")
         try:
             httpx.get(f"http://127.0.0.1:{port}/config", timeout=2).raise_for_status()
             return server
@@ -122,7 +126,8 @@ def main() -> None:
     shared_ssl = httpx.create_ssl_context()  # verification stays on; the context is just built once
     client_modes = {"default Client(url)": {}, "Client(url, ssl_verify=shared context)": {"ssl_verify": shared_ssl}}
     port = free_port()
-    server = start_server(ckpt, port)
+    log = tempfile.TemporaryFile("w+")
+    server = start_server(ckpt, port, log)
     url = f"http://127.0.0.1:{port}/"
     rows = []
     try:
@@ -135,6 +140,7 @@ def main() -> None:
     finally:
         server.terminate()
         server.wait(timeout=30)
+        log.close()
     print(f"\n/generate over loopback, {os.cpu_count()} cores, median of {args.repeats} rounds by images/s\n")
     print("| client | clients | calls | errors (all rounds) | p50 (ms) | p99 (ms) | images/s (all rounds) "
           "| server CPU ms/call | client CPU ms/call |")
