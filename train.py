@@ -157,7 +157,7 @@ class EpochSummary(Callback):
         parts = [f"{name} {m[name]:.2f}" for name in ("train_loss", "train_recon", "train_kl",
                                                       "val_loss", "val_recon", "val_kl") if name in m]
         print(f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}: " + ", ".join(parts)
-              + f" ({time.perf_counter() - self.start:.1f}s)", flush=True)
+              + f" ({time.perf_counter() - self.start:.2f}s)", flush=True)
 
 
 def build_trainer(args, callbacks: list[Callback] | None = None) -> pl.Trainer:
