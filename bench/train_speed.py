@@ -84,7 +84,15 @@ def report(results, epochs: int) -> None:
         rss = max(r for _, _, r in runs)
         print(f"| {name} | {per_epoch:.2f} | {per_epoch / base:.2f}x | {55_000 / per_epoch:,.0f} | {wall:.1f} "
               f"| {rss:.0f} |")
-
+    # The machine's speed drifts from minute to minute, so also pair each train.py run with the plain-loop run of
+    # its own round (they ran back to back) and give the spread of those per-round ratios.
+    plain = [statistics.median(ep) for _, ep, _ in results["plain PyTorch loop"]]
+    for name, runs in results.items():
+        if name == "plain PyTorch loop":
+            continue
+        ratios = sorted(statistics.median(ep) / p for (_, ep, _), p in zip(runs, plain))
+        print(f"\n{name} / plain loop, per round: median {statistics.median(ratios):.3f}x, "
+              f"range {ratios[0]:.3f}-{ratios[-1]:.3f}x over {len(ratios)} rounds")
 
 if __name__ == "__main__":
     main()
