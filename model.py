@@ -205,6 +205,15 @@ class CVAE(pl.LightningModule):
             self.train(was_training)
 
     # ----- training -------------------------------------------------------------------------------------------
+    def __setattr__(self, name: str, value: Any) -> None:
+        # Lightning sets _current_fx_name, a plain string, before and after each of its hook calls: about 30 times
+        # per training step. nn.Module.__setattr__ first checks every value for parameters, buffers and submodules,
+        # which cost 0.8 % of an epoch here (bench/step_overhead.py); a string needs none of that.
+        if name == "_current_fx_name":
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
+
     def current_kl_weight(self) -> float:
         """beta, ramped linearly from 0 over the first `kl_warmup_epochs` epochs (per step, not per epoch)."""
         warmup = self.hparams.kl_warmup_epochs

@@ -7,6 +7,7 @@ Per-epoch checkpoints (last.ckpt) and a CSV metrics log go under --run-dir.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shlex
@@ -127,6 +128,18 @@ def check_resumable(checkpoint: dict, model, path: Path) -> None:
                               f"flags of the original run")
 
 
+class LastCheckpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint, set up in build_trainer to overwrite checkpoints/last.ckpt every epoch.
+
+    Lightning asks each callback for its state_key at every hook call, five times per training step, and
+    ModelCheckpoint builds its key afresh each time from the repr of its settings: 0.6 % of an epoch
+    (bench/step_overhead.py). The settings do not change after __init__, so the key is built once."""
+
+    @functools.cached_property
+    def state_key(self) -> str:
+        return super().state_key
+
+
 class RNGState(Callback):
     """Saves the global torch RNG in per-epoch checkpoints and restores it on --resume, so an interrupted run
     continues with the same dropout and z noise as an uninterrupted one."""
@@ -163,8 +176,8 @@ class EpochSummary(Callback):
 def build_trainer(args, callbacks: list[Callback] | None = None) -> pl.Trainer:
     # Every epoch overwrites checkpoints/last.ckpt (the one "top-k" file, no monitor). save_last=True with
     # save_top_k=0 would not do: Lightning 2.6 then writes last.ckpt only when training ends, too late to resume.
-    checkpoint = ModelCheckpoint(dirpath=args.run_dir / "checkpoints", filename=LAST_NAME, save_top_k=1,
-                                 enable_version_counter=False)
+    checkpoint = LastCheckpoint(dirpath=args.run_dir / "checkpoints", filename=LAST_NAME, save_top_k=1,
+                                enable_version_counter=False)
     # Lightning redraws the bar at every refresh. The callbacks' on_train_batch_end took 0.9 % of an epoch with a
     # refresh every 10 steps, 0.6 % every 50 (still a few redraws a second; bench/step_overhead.py).
     progress = [] if args.no_progress else [TQDMProgressBar(refresh_rate=50)]

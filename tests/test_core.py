@@ -97,6 +97,22 @@ def test_mismatched_inputs_raise(model):
         model.decode(torch.zeros(3, 2), torch.tensor([1, 2]))
 
 
+def test_fast_setattr_keeps_module_registration(model):
+    # CVAE.__setattr__ skips nn.Module's checks only for Lightning's hook-name string.
+    model._current_fx_name = "training_step"
+    assert model.__dict__["_current_fx_name"] == "training_step"
+    model.extra = nn.Linear(2, 2)
+    model.scale = nn.Parameter(torch.ones(1))
+    assert "extra" in model._modules and "scale" in model._parameters and "extra" not in model.__dict__
+
+
+def test_checkpoint_state_key_is_built_once(tmp_path):
+    checkpoint = train.LastCheckpoint(dirpath=tmp_path, filename="last", save_top_k=1)
+    key = checkpoint.state_key
+    assert checkpoint.state_key is key  # cached, not rebuilt at every hook call
+    assert key.startswith("LastCheckpoint{") and "'monitor': None" in key and "'every_n_epochs': 1" in key
+
+
 def test_reparameterize_statistics():
     torch.manual_seed(0)
     mean, logvar = torch.full((200_000, 1), 1.5), torch.full((200_000, 1), np.log(4.0))
