@@ -1,7 +1,8 @@
 """Reference: the same CVAE trained by a minimal plain-PyTorch loop over in-memory tensors (no Lightning).
 
 Same data split, batch size, optimizer and per-epoch work (train on 55k, validate on 5k) as `python train.py`;
-used by bench/train_speed.py as the lower bound for what the framework costs. Prints `epoch N: S s` lines.
+used by bench/train_speed.py and bench/paired_epochs.py as the lower bound for what the framework costs. Prints
+`epoch N: S s` lines.
 """
 from __future__ import annotations
 
@@ -14,8 +15,29 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import use_cached_cuda_check  # noqa: E402
-from dataset import MNISTDataModule  # noqa: E402
+from dataset import MNISTDataModule, TensorPairDataset  # noqa: E402
 from model import CVAE, elbo_loss  # noqa: E402
+
+
+def plain_epoch(model: CVAE, opt: torch.optim.Optimizer, train: TensorPairDataset, val: TensorPairDataset,
+                batch_size: int) -> float:
+    """One epoch of the plain loop: shuffled training batches, then the validation pass. Returns the val loss."""
+    model.train()
+    for idx in torch.randperm(len(train)).split(batch_size):
+        xb, yb = train[idx]  # the same uint8 gather + float scaling as train.py's batches
+        recon, mean, logvar = model(xb, yb)
+        loss, _, _ = elbo_loss(recon, xb, mean, logvar)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    model.eval()
+    val_loss = 0.0
+    with torch.no_grad():
+        for idx in torch.arange(len(val)).split(batch_size):
+            xb, yb = val[idx]
+            recon, mean, logvar = model(xb, yb)
+            val_loss += elbo_loss(recon, xb, mean, logvar)[0].item() * len(idx)
+    return val_loss / len(val)
 
 
 def main() -> None:
@@ -32,28 +54,12 @@ def main() -> None:
     data = MNISTDataModule(args.data_dir, batch_size=args.batch_size, seed=args.seed)
     data.prepare_data()
     data.setup()
-    train, val = data.splits["train"], data.splits["val"]
     model = CVAE()
     opt = model.configure_optimizers()  # the same optimizer train.py uses
     for epoch in range(args.epochs):
         start = time.perf_counter()
-        model.train()
-        for idx in torch.randperm(len(train)).split(args.batch_size):
-            xb, yb = train[idx]  # the same uint8 gather + float scaling as train.py's batches
-            recon, mean, logvar = model(xb, yb)
-            loss, _, _ = elbo_loss(recon, xb, mean, logvar)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        model.eval()
-        val_loss = 0.0
-        with torch.no_grad():
-            for idx in torch.arange(len(val)).split(args.batch_size):
-                xb, yb = val[idx]
-                recon, mean, logvar = model(xb, yb)
-                val_loss += elbo_loss(recon, xb, mean, logvar)[0].item() * len(idx)
-        print(f"epoch {epoch + 1}: {time.perf_counter() - start:.2f} s (val loss {val_loss / len(val):.2f})",
-              flush=True)
+        val_loss = plain_epoch(model, opt, data.splits["train"], data.splits["val"], args.batch_size)
+        print(f"epoch {epoch + 1}: {time.perf_counter() - start:.2f} s (val loss {val_loss:.2f})", flush=True)
 
 
 if __name__ == "__main__":
