@@ -1,6 +1,6 @@
 """Where a training epoch of `python train.py` goes: the model's own work against Lightning's per-step machinery.
 
-    python bench/step_overhead.py                # ~30 s: times the second epoch of train.py's own Trainer setup
+    python bench/step_overhead.py                # ~1 min on a 2-core EPYC: the second epoch of train.py's own setup
     python bench/step_overhead.py --epochs 3     # the last of 3 epochs
 
 It builds the Trainer exactly as train.py does (train.build_trainer, default flags, progress bar on) and wraps a
