@@ -4,7 +4,7 @@
     python bench/paired_epochs.py --epochs 20    # more pairs
 
 bench/train_speed.py runs each variant as a process of its own, so half a minute or more separates the runs it
-compares, and this machine's speed drifts by 10-20 % over such spans. Here one process builds the Trainer exactly as
+compares, and this machine's speed drifts by 10-25 % over such spans. Here one process builds the Trainer exactly as
 train.py does (train.build_trainer, default flags, progress bar on) and, beside each of its epochs, runs one epoch
 of bench/plain_loop.py's loop on a second model and optimizer of its own over the same in-memory data: before the
 Lightning epoch on odd epochs, after it on even ones, so that neither always goes first. Each pair of epochs ran
