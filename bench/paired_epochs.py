@@ -1,7 +1,7 @@
 """Per-epoch cost of train.py's Lightning loop against the plain PyTorch loop, epoch by epoch in one process.
 
     python bench/paired_epochs.py                # ~3 min on a 2-core EPYC: 10 epochs of each, interleaved
-    python bench/paired_epochs.py --epochs 20    # more pairs
+    python bench/paired_epochs.py --epochs 31    # more pairs (~10 min)
 
 bench/train_speed.py runs each variant as a process of its own, so half a minute or more separates the runs it
 compares, and this machine's speed drifts by 10-25 % over such spans. Here one process builds the Trainer exactly as
