@@ -239,23 +239,26 @@ def main(argv: list[str] | None = None) -> int:
         except (CheckpointError, KeyError) as err:
             fail(f"cannot resume: {err}")
         print(f"Resuming from {ckpt_path} (epoch {done} done)", flush=True)
+    finished = False  # training done: an interrupt from here on only stops the test, prior fit and final save
     try:
         trainer.fit(model, datamodule=data, ckpt_path=ckpt_path)
+        finished = True
+        finish(trainer, model, data, args)
     except DataError as err:
         fail(str(err))
-    except SystemExit:
-        # Lightning turns Ctrl-C into a graceful shutdown followed by sys.exit(1).
-        if trainer.interrupted and trainer.is_global_zero:
-            saved = last_checkpoint(args.run_dir)
-            # The same flags again: the batch size, data and epochs of a run are not stored in its checkpoint.
-            flags = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--resume"]
-            if saved.exists():
-                print(f"Interrupted: the last finished epoch is saved in {saved}. Continue with: "
-                      f"python train.py {shlex.join([*flags, '--resume'])}", file=sys.stderr)
-            else:
-                print(f"Interrupted before the first epoch finished; start again with: "
-                      f"python train.py {shlex.join(flags)}".rstrip(), file=sys.stderr)
+    except (KeyboardInterrupt, SystemExit) as err:
+        # Lightning turns Ctrl-C inside fit and test into a graceful shutdown followed by sys.exit(1); between
+        # and after them (the prior fit, the final save) it arrives as a plain KeyboardInterrupt.
+        if isinstance(err, SystemExit) and not trainer.interrupted:
+            raise
+        if trainer.is_global_zero:
+            print(interrupted_hint(args, sys.argv[1:] if argv is None else argv, finished), file=sys.stderr)
         return 130
+    return 0
+
+
+def finish(trainer: pl.Trainer, model, data: MNISTDataModule, args) -> None:
+    """After training: fit the prior, report the test metrics and write the final checkpoint."""
     if args.prior != "none":
         train_set = data.splits["train"]
         z = posterior_means(model, train_set.pixels, train_set.labels)
@@ -270,8 +273,23 @@ def main(argv: list[str] | None = None) -> int:
     trainer.save_checkpoint(args.ckpt, weights_only=True)  # atomic (AtomicCheckpointIO); rank 0 writes
     if trainer.is_global_zero:
         print(f"Wrote {args.ckpt}")
-    return 0
 
+
+def interrupted_hint(args, argv: list[str], finished: bool) -> str:
+    """What to run after Ctrl-C: the same flags again (the batch size, data and epochs of a run are not stored in
+    its checkpoint), with --resume once an epoch is saved. Resuming a finished run skips straight to the test,
+    the prior fit and the final save."""
+    saved = last_checkpoint(args.run_dir)
+    flags = [a for a in argv if a != "--resume"]
+    if not saved.exists():
+        return (f"Interrupted before the first epoch finished; start again with: "
+                f"python train.py {shlex.join(flags)}".rstrip())
+    if finished:
+        where = (f"Interrupted after training finished, before {args.ckpt} was written; the trained weights are "
+                 f"in {saved}.")
+    else:
+        where = f"Interrupted: the last finished epoch is saved in {saved}."
+    return f"{where} Continue with: python train.py {shlex.join([*flags, '--resume'])}"
 
 if __name__ == "__main__":
     exit_now(main())  # skips torch's teardown, which alone would add ~120 MB to the peak memory (see exit_now)

@@ -83,6 +83,8 @@ def run_main(module, argv: list[str], capsys) -> tuple[int, str]:
         code = module.main(argv)
     except SystemExit as exit_:
         code = exit_.code
+    except KeyboardInterrupt:  # escaping main() it would stop the whole pytest session
+        code = "KeyboardInterrupt"
     return code, capsys.readouterr().err
 
 
@@ -456,13 +458,17 @@ def finish(proc: subprocess.Popen, timeout: float = 300) -> int:
 
 
 def wait_for_first_epoch(proc: subprocess.Popen, run_dir: Path, timeout: float = 300) -> None:
+    """Returns with the child stopped (SIGSTOP) within milliseconds of its first per-epoch checkpoint, so that a
+    fast machine cannot finish the remaining epochs before the test acts; the caller sends SIGCONT."""
     last, deadline = train.last_checkpoint(run_dir), time.monotonic() + timeout
     while not last.exists():
         assert proc.poll() is None, f"training ended (exit {proc.returncode}) before its first checkpoint"
         if time.monotonic() > deadline:
             proc.kill()
             pytest.fail("no per-epoch checkpoint within the time limit")
-        time.sleep(0.05)
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGSTOP)
+    assert safe_torch_load(last)["epoch"] == 0, "the test stopped the run too late"
 
 
 def assert_same_run(ckpt: Path, reference: Path) -> None:
@@ -494,7 +500,6 @@ def test_sigkill_then_resume_finishes_like_an_uninterrupted_run(tmp_path, data_d
     """SLOW: kill -9 after the first per-epoch checkpoint, resume, and get the uninterrupted run's weights."""
     proc, run_dir, ckpt = start_training(tmp_path, "killed", data_dir)
     wait_for_first_epoch(proc, run_dir)
-    assert proc.poll() is None, "the run finished before it could be killed"
     proc.kill()
     assert proc.wait() == -signal.SIGKILL
     saved = safe_torch_load(train.last_checkpoint(run_dir))  # whole, not half written
@@ -506,11 +511,11 @@ def test_sigkill_then_resume_finishes_like_an_uninterrupted_run(tmp_path, data_d
 
 
 def test_ctrl_c_saves_says_how_to_resume_and_resume_finishes(tmp_path, data_dir, uninterrupted):
-    """SLOW: SIGINT in the middle of the second epoch: exit 130, the resume command, an intact last.ckpt."""
+    """SLOW: SIGINT just after the first epoch: exit 130, the resume command, an intact last.ckpt."""
     proc, run_dir, ckpt = start_training(tmp_path, "interrupted", data_dir)
     wait_for_first_epoch(proc, run_dir)
-    time.sleep(0.2)  # into the second epoch's batches
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGINT)  # pending while stopped; delivered as the run goes on
+    proc.send_signal(signal.SIGCONT)
     assert finish(proc) == 130
     log = (tmp_path / "interrupted.log").read_text()
     assert "Traceback" not in log
@@ -520,6 +525,43 @@ def test_ctrl_c_saves_says_how_to_resume_and_resume_finishes(tmp_path, data_dir,
     proc, _, _ = start_training(tmp_path, "interrupted", data_dir, "--resume")
     assert finish(proc) == 0, (tmp_path / "interrupted.log").read_text()
     assert_same_run(ckpt, uninterrupted())
+
+
+@pytest.fixture
+def restore_sigint():
+    """Lightning ignores SIGINT from the first Ctrl-C on; give pytest its handler back."""
+    handler = signal.getsignal(signal.SIGINT)
+    yield
+    signal.signal(signal.SIGINT, handler)
+
+
+@pytest.mark.parametrize("where", ["test", "prior"])
+def test_ctrl_c_after_training_says_how_to_finish(where, tmp_path, data_dir, uninterrupted, capsys, monkeypatch,
+                                                  restore_sigint):
+    """Ctrl-C in the test pass (Lightning's own handler: sys.exit(1)) or in the prior fit (a plain
+    KeyboardInterrupt): exit 130 and the --resume command, which then writes the uninterrupted run's weights."""
+    reference = uninterrupted()
+    run_dir, ckpt = tmp_path / "run", tmp_path / "final.ckpt"
+    train.last_checkpoint(run_dir).parent.mkdir(parents=True)
+    shutil.copy(train.last_checkpoint(reference.with_name("reference-run")), train.last_checkpoint(run_dir))
+    argv = ["--resume", "--epochs", str(EPOCHS), "--run-dir", str(run_dir), "--ckpt", str(ckpt),
+            "--data-dir", str(data_dir), *TINY, "--prior", "per-class"]
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    target = (CVAE, "test_step") if where == "test" else (train, "posterior_means")
+    with monkeypatch.context() as patch:
+        patch.setattr(*target, ctrl_c)
+        code, err = run_main(train, argv, capsys)
+    assert code == 130 and "Traceback" not in err and not ckpt.exists()
+    hint = err.split("Continue with: python train.py ")[-1].splitlines()[0]
+    assert f"Interrupted after training finished, before {ckpt} was written" in err
+    assert f"--run-dir {run_dir}" in hint and hint.endswith("--resume"), err
+    code, err = run_main(train, argv, capsys)
+    assert code == 0, err
+    assert_same_run(ckpt, reference)
+    assert load_cvae(ckpt).fitted_prior is not None
 
 
 def test_resume_with_other_model_settings_is_refused(tmp_path, data_dir, uninterrupted, capsys):
