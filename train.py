@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         except (CheckpointError, KeyError) as err:
             fail(f"cannot resume: {err}")
         print(f"Resuming from {ckpt_path} (epoch {done} done)", flush=True)
-    finished = False  # training done: an interrupt from here on only stops the test, prior fit and final save
+    finished = False  # training done: an interrupt from here on only stops the prior fit, test and final save
     try:
         trainer.fit(model, datamodule=data, ckpt_path=ckpt_path)
         finished = True
@@ -277,8 +277,8 @@ def finish(trainer: pl.Trainer, model, data: MNISTDataModule, args) -> None:
 
 def interrupted_hint(args, argv: list[str], finished: bool) -> str:
     """What to run after Ctrl-C: the same flags again (the batch size, data and epochs of a run are not stored in
-    its checkpoint), with --resume once an epoch is saved. Resuming a finished run skips straight to the test,
-    the prior fit and the final save."""
+    its checkpoint), with --resume once an epoch is saved. Resuming a finished run skips straight to the prior
+    fit, the test pass and the final save."""
     saved = last_checkpoint(args.run_dir)
     flags = [a for a in argv if a != "--resume"]
     if not saved.exists():
@@ -290,6 +290,7 @@ def interrupted_hint(args, argv: list[str], finished: bool) -> str:
     else:
         where = f"Interrupted: the last finished epoch is saved in {saved}."
     return f"{where} Continue with: python train.py {shlex.join([*flags, '--resume'])}"
+
 
 if __name__ == "__main__":
     exit_now(main())  # skips torch's teardown, which alone would add ~120 MB to the peak memory (see exit_now)
