@@ -22,6 +22,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train  # noqa: E402
@@ -66,22 +67,37 @@ class PlainEpochBeside(Callback):
               f"ratio {lightning / self.plain_seconds:.3f} ({first} ran first)", flush=True)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--epochs", type=int, default=10, help="epochs of each loop, at least 3 (default: 10)")
-    args = p.parse_args()
-    if args.epochs < 3:
-        p.error("--epochs must be at least 3: the first pair is left out of the summary")
+def fit_beside(beside: Callback, epochs: int, run_dir: str | Path, extra: Sequence[str] = ()):
+    """Train as `python train.py --epochs EPOCHS` does (train.build_trainer, default flags unless `extra` train.py
+    flags say otherwise, progress bar on), with `beside` as the first callback, so its hooks run before the
+    others'. Returns (trainer, train.py's parsed args)."""
     train.quiet_lightning()
     use_cached_cuda_check()
-    targs = train.parse_args(["--epochs", str(args.epochs), "--run-dir", "runs/paired_epochs",
-                              "--ckpt", "runs/paired_epochs/cvae.ckpt"])
+    targs = train.parse_args(["--epochs", str(epochs), "--run-dir", str(run_dir), "--ckpt", f"{run_dir}/cvae.ckpt",
+                              *extra])
     trainer = train.build_trainer(targs)
-    # train.py's epoch-line printer would count the plain epochs run inside its span; this bench prints its own.
+    # train.py's epoch lines would count the plain-loop work run inside their span; the benches print their own.
     trainer.callbacks[:] = [c for c in trainer.callbacks if not isinstance(c, train.EpochSummary)]
-    beside = PlainEpochBeside()
     trainer.callbacks.insert(0, beside)
     trainer.fit(CVAE(), MNISTDataModule(targs.data_dir, batch_size=targs.batch_size, seed=targs.seed))
+    return trainer, targs
+
+
+def parse_epochs(doc: str, default: int, minimum: int, why: str) -> int:
+    """The benches' one flag, --epochs, at least `minimum` (`why` says why)."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--epochs", type=int, default=default,
+                   help=f"epochs of each loop, at least {minimum} (default: {default})")
+    epochs = p.parse_args().epochs
+    if epochs < minimum:
+        p.error(f"--epochs must be at least {minimum}: {why}")
+    return epochs
+
+
+def main() -> None:
+    epochs = parse_epochs(__doc__, 10, 3, "the first pair is left out of the summary")
+    beside = PlainEpochBeside()
+    trainer, targs = fit_beside(beside, epochs, "runs/paired_epochs")
 
     pairs, n_train = beside.pairs[1:], len(trainer.datamodule.splits["train"])
     ratios = sorted(lt / pt for lt, pt in pairs)

@@ -19,17 +19,17 @@ from dataset import MNISTDataModule, TensorPairDataset  # noqa: E402
 from model import CVAE, elbo_loss  # noqa: E402
 
 
-def plain_epoch(model: CVAE, opt: torch.optim.Optimizer, train: TensorPairDataset, val: TensorPairDataset,
-                batch_size: int) -> float:
-    """One epoch of the plain loop: shuffled training batches, then the validation pass. Returns the val loss."""
-    model.train()
-    for idx in torch.randperm(len(train)).split(batch_size):
-        xb, yb = train[idx]  # the same uint8 gather + float scaling as train.py's batches
-        recon, mean, logvar = model(xb, yb)
-        loss, _, _ = elbo_loss(recon, xb, mean, logvar)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+def plain_step(model: CVAE, opt: torch.optim.Optimizer, xb: torch.Tensor, yb: torch.Tensor) -> None:
+    """One training step: forward, loss, zero_grad, backward, optimizer step."""
+    recon, mean, logvar = model(xb, yb)
+    loss, _, _ = elbo_loss(recon, xb, mean, logvar)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+
+
+def plain_validate(model: CVAE, val: TensorPairDataset, batch_size: int) -> float:
+    """The validation pass, in eval mode without gradients. Returns the mean validation loss."""
     model.eval()
     val_loss = 0.0
     with torch.no_grad():
@@ -38,6 +38,15 @@ def plain_epoch(model: CVAE, opt: torch.optim.Optimizer, train: TensorPairDatase
             recon, mean, logvar = model(xb, yb)
             val_loss += elbo_loss(recon, xb, mean, logvar)[0].item() * len(idx)
     return val_loss / len(val)
+
+
+def plain_epoch(model: CVAE, opt: torch.optim.Optimizer, train: TensorPairDataset, val: TensorPairDataset,
+                batch_size: int) -> float:
+    """One epoch of the plain loop: shuffled training batches, then the validation pass. Returns the val loss."""
+    model.train()
+    for idx in torch.randperm(len(train)).split(batch_size):
+        plain_step(model, opt, *train[idx])  # the same uint8 gather + float scaling as train.py's batches
+    return plain_validate(model, val, batch_size)
 
 
 def main() -> None:
