@@ -11,8 +11,8 @@ step, one step of bench/plain_loop.py's loop (the same gather, forward, loss, ze
 step) on a second model and optimizer of its own, and times it. A Lightning step is everything between the end of
 one such plain step and the start of the next: the other callbacks' and the module's batch-end hooks, Lightning's
 end-of-batch checks, fetching the next batch, the batch-start hooks and training_step. Each epoch's end is paired
-too: the plain loop's validation pass against Lightning's, from its start to the end of the epoch (validation,
-the per-epoch checkpoint, logging). The first epoch is left out (one-time set-up in both), and so is each epoch's
+too: the plain loop's validation pass against Lightning's, from its start to the epoch-end hooks (validation, the
+per-epoch checkpoint, the epoch's logging). The first epoch is left out (one-time set-up in both), and so is each epoch's
 first training step (it has no plain step before it to be timed against).
 """
 from __future__ import annotations
