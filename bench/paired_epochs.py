@@ -29,7 +29,7 @@ import train  # noqa: E402
 from common import use_cached_cuda_check  # noqa: E402
 from dataset import MNISTDataModule  # noqa: E402
 from model import CVAE  # noqa: E402
-from plain_loop import plain_epoch  # noqa: E402
+from plain_loop import plain_epoch, plain_model  # noqa: E402
 
 from pytorch_lightning.callbacks import Callback  # noqa: E402
 
@@ -40,14 +40,11 @@ class PlainEpochBeside(Callback):
 
     def __init__(self) -> None:
         self.pairs: list[tuple[float, float]] = []
-        self.model = self.opt = None
+        self.model, self.opt = plain_model()
         self.plain_seconds = 0.0
 
     def run_plain(self, trainer) -> None:
         data = trainer.datamodule
-        if self.model is None:
-            self.model = CVAE()  # the plain loop's own model, default settings as in bench/plain_loop.py
-            self.opt = self.model.configure_optimizers()
         start = time.perf_counter()
         plain_epoch(self.model, self.opt, data.splits["train"], data.splits["val"], data.batch_size)
         self.plain_seconds = time.perf_counter() - start

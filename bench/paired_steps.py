@@ -25,9 +25,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from model import CVAE  # noqa: E402
 from paired_epochs import fit_beside, parse_epochs  # noqa: E402
-from plain_loop import plain_step, plain_validate  # noqa: E402
+from plain_loop import plain_model, plain_step, plain_validate  # noqa: E402
 
 from pytorch_lightning.callbacks import Callback  # noqa: E402
 
@@ -39,14 +38,12 @@ class PlainStepBeside(Callback):
     def __init__(self) -> None:
         self.steps: list[tuple[float, float]] = []  # (lightning s, plain s) per training step
         self.ends: list[tuple[float, float]] = []  # (lightning s, plain s) per epoch end (validation and the rest)
-        self.model = self.opt = None
+        self.model, self.opt = plain_model()
         self.batches: list[torch.Tensor] = []
-        self.last_end: float | None = None
+        self.last_end: float | None = None  # when the last plain step ended; None: no Lightning step to time yet
+        self.end_start = self.plain_end = 0.0  # this epoch's end: when Lightning's began, how long the plain one took
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
-        if self.model is None:
-            self.model = CVAE()  # the plain loop's own model, default settings as in bench/plain_loop.py
-            self.opt = self.model.configure_optimizers()
         self.model.train()
         # A new shuffled pass over the training set, as in the plain loop's epoch; popped from the end.
         data = trainer.datamodule

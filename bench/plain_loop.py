@@ -1,8 +1,8 @@
 """Reference: the same CVAE trained by a minimal plain-PyTorch loop over in-memory tensors (no Lightning).
 
 Same data split, batch size, optimizer and per-epoch work (train on 55k, validate on 5k) as `python train.py`;
-used by bench/train_speed.py and bench/paired_epochs.py as the lower bound for what the framework costs. Prints
-`epoch N: S s` lines.
+used by bench/train_speed.py, bench/paired_epochs.py and bench/paired_steps.py as the lower bound for what the
+framework costs. Prints `epoch N: S s` lines.
 """
 from __future__ import annotations
 
@@ -17,6 +17,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import use_cached_cuda_check  # noqa: E402
 from dataset import MNISTDataModule, TensorPairDataset  # noqa: E402
 from model import CVAE, elbo_loss  # noqa: E402
+
+
+def plain_model() -> tuple[CVAE, torch.optim.Optimizer]:
+    """The plain loop's model, default settings, and the same optimizer train.py configures for it."""
+    model = CVAE()
+    return model, model.configure_optimizers()
 
 
 def plain_step(model: CVAE, opt: torch.optim.Optimizer, xb: torch.Tensor, yb: torch.Tensor) -> None:
@@ -63,8 +69,7 @@ def main() -> None:
     data = MNISTDataModule(args.data_dir, batch_size=args.batch_size, seed=args.seed)
     data.prepare_data()
     data.setup()
-    model = CVAE()
-    opt = model.configure_optimizers()  # the same optimizer train.py uses
+    model, opt = plain_model()
     for epoch in range(args.epochs):
         start = time.perf_counter()
         val_loss = plain_epoch(model, opt, data.splits["train"], data.splits["val"], args.batch_size)
