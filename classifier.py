@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common import atomic_torch_save
+from checkpoint import atomic_torch_save
 
 CACHE_NAME = "digit_cnn.pt"
 FORMAT_VERSION = 2  # bump when the architecture or the cache layout changes, so old caches count as stale
@@ -76,15 +76,15 @@ class DigitCNN(nn.Module):
 @torch.no_grad()
 def features_and_predictions(model: DigitCNN, images: torch.Tensor, batch_size: int = 1_000
                              ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eval-mode pass over images (N, 1, 28, 28) in [0, 1] (uint8 is scaled): (features (N, hidden) float64 on the
-    CPU, predicted digits (N,))."""
+    """Eval-mode pass over float images (N, 1, 28, 28) in [0, 1] (dataset.to_float_images scales MNIST's uint8):
+    (features (N, hidden) float64 on the CPU, predicted digits (N,))."""
+    if not images.is_floating_point():
+        raise TypeError(f"images must be floats in [0, 1], got {images.dtype}")
     model.eval()
     device = next(model.parameters()).device
     feats, preds = [], []
     for i in range(0, len(images), batch_size):
-        x = images[i:i + batch_size].to(device)
-        x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
-        f = model.features(x)
+        f = model.features(images[i:i + batch_size].to(device))
         feats.append(f.double().cpu())
         preds.append(model.classify(f).argmax(dim=1).cpu())
     return torch.cat(feats), torch.cat(preds)

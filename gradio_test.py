@@ -16,7 +16,6 @@ can run the app in-process.
 """
 from __future__ import annotations
 
-import argparse
 import errno
 import os
 import socket
@@ -28,7 +27,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from common import ArgParser, CheckpointError, bounded, fail, load_cvae
+from checkpoint import CheckpointError, load_cvae
+from cli import ArgParser, bounded, fail
 
 if __name__ == "__main__" and not os.environ.get("GRADIO_SERVER_PORT", "7860").isdigit():
     # gradio parses this variable when imported and dies with a traceback on a non-number.
@@ -436,8 +436,7 @@ def env_default(name: str, default: str) -> str:
 
 
 def build_parser() -> ArgParser:
-    p = ArgParser(description="Serve the CVAE latent-space explorer (Gradio) on localhost.",
-                  formatter_class=lambda prog: argparse.ArgumentDefaultsHelpFormatter(prog, width=100))
+    p = ArgParser(description="Serve the CVAE latent-space explorer (Gradio) on localhost.")
     p.add_argument("--ckpt", type=Path, default=Path("cvae.ckpt"), help="checkpoint written by train.py")
     p.add_argument("--host", default=env_default("GRADIO_SERVER_NAME", "127.0.0.1"),
                    help="interface to listen on (env GRADIO_SERVER_NAME); 0.0.0.0 opens it to the network")

@@ -15,26 +15,47 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 import pytorch_lightning as pl
+from torchmetrics import MeanMetric
+
+from prior import check_prior, sample_prior
 
 PRIORS = ("standard", "fitted")
+STAGES = ("train", "val", "test")
+TERMS = ("loss", "recon", "kl")  # what elbo_loss returns, in that order
+
+
+def kl_per_dim(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(mean, exp(logvar)) || N(0, 1)) for every image and latent dimension, in nats: (N, latent).
+
+    Closed form (Kingma & Welling 2014, Appendix B): -1/2 * (1 + logvar - mean^2 - exp(logvar)).
+    """
+    return -0.5 * (1 + logvar - mean.pow(2) - logvar.exp())
+
+
+def squared_error(recon: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Squared error summed over the pixels of each image: (N,).
+
+    This is -log p(x | z, y) of a Gaussian decoder with variance 1/2 per pixel, up to the constant
+    (pixels / 2) * ln(pi): 392 ln(pi) = 448.7 nats for a 28 x 28 image.
+    """
+    return (recon - x.reshape(recon.shape)).pow(2).sum(dim=1)
 
 
 def elbo_loss(recon: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, logvar: torch.Tensor,
               kl_weight: float = 1.0, free_bits: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Negative ELBO with a summed-MSE reconstruction term; returns (total, recon, kl), each a batch mean.
 
-    recon: sum over pixels of (x_hat - x)^2, i.e. a Gaussian decoder with fixed variance up to a constant.
-    kl:    KL(N(mean, exp(logvar)) || N(0, I)) in closed form, summed over latent dimensions
-           (Kingma & Welling 2014, Appendix B: -1/2 * sum(1 + logvar - mean^2 - exp(logvar))).
+    recon: squared_error, the sum over pixels of (x_hat - x)^2.
+    kl:    kl_per_dim summed over the latent dimensions.
 
     `kl_weight` is beta; 0 gives the original repo's plain-MSE autoencoder objective. `free_bits` (nats per latent
     dimension, Kingma et al. 2016) stops the optimiser from pushing a dimension's batch-mean KL below that value, the
     usual guard against a collapsed (unused) latent dimension. The returned `kl` is always the true KL.
     """
-    recon_loss = F.mse_loss(recon, x.reshape(recon.shape), reduction="none").sum(dim=1).mean()
-    kl_per_dim = -0.5 * (1 + logvar - mean.pow(2) - logvar.exp())  # (N, latent)
-    kl = kl_per_dim.sum(dim=1).mean()
-    kl_term = kl_per_dim.mean(dim=0).clamp(min=free_bits).sum() if free_bits > 0 else kl
+    recon_loss = squared_error(recon, x).mean()
+    kl_dims = kl_per_dim(mean, logvar)  # (N, latent)
+    kl = kl_dims.sum(dim=1).mean()
+    kl_term = kl_dims.mean(dim=0).clamp(min=free_bits).sum() if free_bits > 0 else kl
     return recon_loss + kl_weight * kl_term, recon_loss, kl
 
 
@@ -109,12 +130,12 @@ class CVAE(pl.LightningModule):
         self.decoder = Decoder(latent_dim, num_classes, decoder_dims, self.image_dim, dropout)
         # A density over z fitted after training (see prior.py); plain tensors, saved in the checkpoint.
         self.fitted_prior: dict[str, Any] | None = None
-        # stage -> ((loss, recon, kl) summed over this epoch's images, number of images)
-        self._sums: dict[str, tuple[torch.Tensor, int]] = {}
-        # training_step runs the optimiser step itself (Lightning's manual optimisation): the zero_grad / backward /
-        # step of a plain loop, without automatic optimisation's closure and hooks, which cost about 0.2 ms per step:
-        # 3 % of a training step of this small model on a 2-core CPU (README: Performance).
-        self.automatic_optimization = False
+        # Running means of the loss terms, one per stage and term ("train_loss" ... "test_kl"), updated every step
+        # and logged once per epoch: a self.log call per term and step would cost Lightning about 0.3 ms each, a
+        # tenth of a training step here (bench/README.md). A NaN loss stays NaN in the mean, so divergence shows.
+        # Metric states are not saved in checkpoints.
+        self.epoch_means = nn.ModuleDict({f"{stage}_{term}": MeanMetric(nan_strategy="disable")
+                                          for stage in STAGES for term in TERMS})
 
     # ----- input handling -------------------------------------------------------------------------------------
     def _onehot(self, labels: torch.Tensor | Sequence[int] | int) -> torch.Tensor:
@@ -144,9 +165,12 @@ class CVAE(pl.LightningModule):
         return self.encoder(x, y)
 
     @staticmethod
-    def reparameterize(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-        """z = mean + sigma * eps with eps ~ N(0, I), so gradients flow through mean and logvar."""
-        return mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)
+    def reparameterize(mean: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor | None = None) -> torch.Tensor:
+        """z = mean + sigma * eps with eps ~ N(0, I) (drawn here unless given), so gradients flow through mean and
+        logvar."""
+        if eps is None:
+            eps = torch.randn_like(mean)
+        return mean + torch.exp(0.5 * logvar) * eps
 
     def decode(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Likelihood mean p(x | z, y): (N, 784) pixel intensities in [0, 1]."""
@@ -172,7 +196,7 @@ class CVAE(pl.LightningModule):
         n, d = len(labels), self.hparams.latent_dim
         if prior == "standard":
             return torch.randn(n, d, generator=generator).to(self.device, self.dtype)
-        return sample_fitted_prior(self.fitted_prior, labels.cpu(), generator).to(self.device, self.dtype)
+        return sample_prior(self.fitted_prior, labels.cpu(), generator).to(self.device, self.dtype)
 
     def resolve_prior(self, prior: str) -> str:
         """Map "auto" to the prior `sample` uses by default; reject unknown names and a missing fitted prior."""
@@ -205,88 +229,50 @@ class CVAE(pl.LightningModule):
             self.train(was_training)
 
     # ----- training -------------------------------------------------------------------------------------------
-    def __setattr__(self, name: str, value: Any) -> None:
-        # Lightning sets _current_fx_name, a plain string, before and after each of its hook calls: about 30 times
-        # per training step. nn.Module.__setattr__ first checks every value for parameters, buffers and submodules,
-        # which cost 0.8 % of an epoch here (bench/step_overhead.py); a string needs none of that.
-        if name == "_current_fx_name":
-            object.__setattr__(self, name, value)
-        else:
-            super().__setattr__(name, value)
-
-    def current_kl_weight(self) -> float:
-        """beta, ramped linearly from 0 over the first `kl_warmup_epochs` epochs (per step, not per epoch)."""
+    def kl_weight_at(self, step: int) -> float:
+        """beta at training step `step` (counted from 0): ramped linearly up to kl_weight over the first
+        `kl_warmup_epochs` epochs, step by step, then kl_weight."""
         warmup = self.hparams.kl_warmup_epochs
-        if warmup <= 0 or not self.training or self._trainer is None:
+        if warmup <= 0 or self._trainer is None:
             return self.hparams.kl_weight
-        steps_per_epoch = max(1, self.trainer.num_training_batches)
-        progress = (self.global_step + 1) / (warmup * steps_per_epoch)
-        return self.hparams.kl_weight * min(1.0, progress)
+        warmup_steps = warmup * max(1, self.trainer.num_training_batches)
+        return self.hparams.kl_weight * min(1.0, (step + 1) / warmup_steps)
 
     def _shared_step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
         x, y = batch
         recon, mean, logvar = self(x, y)
-        is_train = stage == "train"
-        total, recon_loss, kl = elbo_loss(
-            recon, x, mean, logvar,
-            kl_weight=self.current_kl_weight() if is_train else self.hparams.kl_weight,
-            free_bits=self.hparams.free_bits if is_train else 0.0,
-        )
-        # Validation/test report the plain ELBO terms so runs with different recipes compare directly.
-        reported = total if is_train else recon_loss + self.hparams.kl_weight * kl
-        # Summed here and logged once per epoch (_log_epoch_means): each self.log call costs Lightning about a
-        # millisecond of bookkeeping, which at this model's size is a tenth of a training step.
-        terms = torch.stack([reported, recon_loss, kl]).detach() * len(x)
-        sums, count = self._sums.get(stage, (0, 0))
-        self._sums[stage] = (terms + sums, count + len(x))
-        return total
-
-    def epoch_means(self, stage: str) -> dict[str, float]:
-        """Mean loss/recon/kl of `stage` ("train", "val", "test") over the epoch so far (this process), as floats."""
-        if stage not in self._sums:
-            return {}
-        sums, count = self._sums[stage]
-        return dict(zip((f"{stage}_loss", f"{stage}_recon", f"{stage}_kl"), (sums / count).tolist()))
+        if stage == "train":
+            kl_weight, free_bits = self.kl_weight_at(self.global_step), self.hparams.free_bits
+        else:  # validation and test report the plain ELBO, so runs with different recipes compare directly
+            kl_weight, free_bits = self.hparams.kl_weight, 0.0
+        loss, recon_loss, kl = elbo_loss(recon, x, mean, logvar, kl_weight, free_bits)
+        for term, value in zip(TERMS, (loss, recon_loss, kl)):
+            self.epoch_means[f"{stage}_{term}"].update(value.detach(), weight=len(x))  # a mean over images
+        return loss
 
     def _log_epoch_means(self, stage: str) -> None:
-        # sync_dist averages the processes' means: equal weights, as every process sees as many batches.
-        means = self.epoch_means(stage)
-        if means:
-            self.log_dict(means, on_step=False, on_epoch=True, sync_dist=True, prog_bar=stage == "val")
-
-    def on_train_epoch_start(self) -> None:
-        self._sums.pop("train", None)
-
-    def on_validation_epoch_start(self) -> None:
-        self._sums.pop("val", None)
-
-    def on_test_epoch_start(self) -> None:
-        self._sums.pop("test", None)
-
-    def on_train_epoch_end(self) -> None:
-        self._log_epoch_means("train")
-
-    def on_validation_epoch_end(self) -> None:
-        self._log_epoch_means("val")
-
-    def on_test_epoch_end(self) -> None:
-        self._log_epoch_means("test")
+        # Lightning computes each metric (averaged over all processes under DDP) and resets it for the next epoch.
+        self.log_dict({f"{stage}_{term}": self.epoch_means[f"{stage}_{term}"] for term in TERMS},
+                      prog_bar=stage == "val")
 
     def training_step(self, batch, batch_idx):
-        loss = self._shared_step(batch, "train")
-        # Lightning's optimizer wrapper and manual_backward, not the raw calls: mixed precision (loss scaling), DDP's
-        # gradient sync and the step counter behind global_step still go through Lightning.
-        optimizer = self.optimizers()
-        optimizer.zero_grad(set_to_none=True)
-        self.manual_backward(loss)
-        optimizer.step()
-        return loss
+        return self._shared_step(batch, "train")
 
     def validation_step(self, batch, batch_idx):
         self._shared_step(batch, "val")
 
     def test_step(self, batch, batch_idx):
         self._shared_step(batch, "test")
+
+    def on_train_epoch_end(self) -> None:
+        self._log_epoch_means("train")
+        self.log("kl_weight", self.kl_weight_at(self.global_step - 1))  # beta at the epoch's last step
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_epoch_means("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_epoch_means("test")
 
     def configure_optimizers(self):
         # The fused kernel does the same Adam update in one pass over the parameters: about 10 % faster per step
@@ -302,23 +288,8 @@ class CVAE(pl.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         prior = checkpoint.get("fitted_prior")
         if prior is not None:
-            from prior import check_prior
-
             check_prior(prior, self.hparams.num_classes, self.hparams.latent_dim)
             # The prior is sampled on the CPU (its generator lives there), whatever map_location said.
             prior = {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in prior.items()}
         self.fitted_prior = prior
 
-
-def sample_fitted_prior(prior: dict[str, Any], labels: torch.Tensor, generator: torch.Generator | None = None
-                        ) -> torch.Tensor:
-    """Sample z from a Gaussian mixture stored as plain tensors.
-
-    prior["weights"] (C, K), prior["means"] (C, K, D), prior["scale_tril"] (C, K, D, D): one mixture per class
-    (C = num_classes) or one shared mixture (C = 1).
-    """
-    weights, means, scale_tril = prior["weights"], prior["means"], prior["scale_tril"]
-    rows = labels if weights.shape[0] > 1 else torch.zeros_like(labels)
-    comp = torch.multinomial(weights[rows], 1, generator=generator).squeeze(1)  # (N,)
-    eps = torch.randn(len(labels), means.shape[-1], 1, generator=generator, dtype=means.dtype)
-    return means[rows, comp] + (scale_tril[rows, comp] @ eps).squeeze(-1)

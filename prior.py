@@ -4,8 +4,8 @@ A VAE is trained so that the *aggregate* posterior q(z) = E_x q(z | x, y) matche
 exactly; decoding z ~ N(0, I) then lands partly in regions the decoder has rarely seen. Fitting a density to the
 training codes after training and sampling from it ("ex-post density estimation", Ghosh et al. 2020, "From
 Variational to Deterministic Autoencoders") closes most of that gap. The mixture is stored as plain tensors
-(weights, means, Cholesky factors) so the checkpoint still loads with weights_only=True, and model.sample_fitted_prior
-draws from it with torch alone.
+(weights, means, Cholesky factors) so the checkpoint still loads with weights_only=True, and `sample_prior` draws
+from it with torch alone.
 """
 from __future__ import annotations
 
@@ -86,7 +86,7 @@ def check_prior(prior: Any, num_classes: int, latent_dim: int) -> None:
         raise ValueError("fitted_prior must hold tensors 'weights', 'means' and 'scale_tril'")
     w, m, s = prior["weights"], prior["means"], prior["scale_tril"]
     if not w.is_floating_point() or not w.dtype == m.dtype == s.dtype:
-        # sample_fitted_prior mixes them in one matmul and multinomial draw
+        # sample_prior mixes them in one matmul and multinomial draw
         raise ValueError(f"fitted_prior tensors must share one floating-point dtype, got {w.dtype}, {m.dtype}, "
                          f"{s.dtype}")
     c, k = w.shape if w.dim() == 2 else (None, None)
@@ -96,3 +96,17 @@ def check_prior(prior: Any, num_classes: int, latent_dim: int) -> None:
     if not (torch.isfinite(w).all() and torch.isfinite(m).all() and torch.isfinite(s).all()) or (w < 0).any() \
             or not (w.sum(dim=1) > 0).all():
         raise ValueError("fitted_prior holds non-finite values or invalid mixture weights")
+
+
+def sample_prior(prior: dict[str, Any], labels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Draw one z per label from a fitted mixture: (N, D), in the prior's dtype, on the CPU.
+
+    prior["weights"] (C, K), prior["means"] (C, K, D), prior["scale_tril"] (C, K, D, D): one mixture per class
+    (C = num_classes) or one shared mixture (C = 1). z = mean + L eps with L the lower Cholesky factor, so
+    cov(z) = L L^T, the fitted covariance.
+    """
+    weights, means, scale_tril = prior["weights"], prior["means"], prior["scale_tril"]
+    rows = labels if weights.shape[0] > 1 else torch.zeros_like(labels)
+    comp = torch.multinomial(weights[rows], 1, generator=generator).squeeze(1)  # (N,) component of each draw
+    eps = torch.randn(len(labels), means.shape[-1], 1, generator=generator, dtype=means.dtype)  # (N, D, 1)
+    return means[rows, comp] + (scale_tril[rows, comp] @ eps).squeeze(-1)

@@ -12,7 +12,6 @@ of samples it reads as the requested digit, FID compares samples and test images
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -23,8 +22,9 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from common import (ArgParser, CheckpointError, UsageError, bounded, check_output_file, fail, load_cvae,
-                    use_cached_cuda_check)
+from checkpoint import CheckpointError, load_cvae
+from cli import ArgParser, UsageError, bounded, check_output_file, fail
+from model import elbo_loss, kl_per_dim, squared_error
 from prior import posterior_means
 
 DPI = 100
@@ -52,15 +52,15 @@ def load_test_set(data_dir: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
 
 @torch.no_grad()
 def elbo_terms(model, images: torch.Tensor, labels: torch.Tensor, seed: int = 0, batch_size: int = 1_000
-              ) -> dict[str, Any]:
-    """The training objective on held-out images, per image, with the definitions of model.elbo_loss.
+               ) -> dict[str, Any]:
+    """The training objective (model.elbo_loss) on held-out images, per image.
 
     z is one draw from q(z | x, y) per image, z = mean + exp(logvar / 2) * eps, in eval mode (no dropout), as
     train.py's test step computes it; eps (N, latent_dim) is drawn at once, in test-set order, from a generator
     seeded with `seed`, so the numbers repeat exactly.
     """
     model.eval()
-    dev = model.device
+    dev, beta = model.device, model.hparams.kl_weight
     eps = torch.randn(len(images), model.hparams.latent_dim, generator=torch.Generator().manual_seed(seed))
     recon_sum = kl_sum = recon_mean_z_sum = 0.0
     kl_dims = torch.zeros(model.hparams.latent_dim, dtype=torch.float64)
@@ -68,13 +68,13 @@ def elbo_terms(model, images: torch.Tensor, labels: torch.Tensor, seed: int = 0,
         x = images[i:i + batch_size].to(dev).flatten(1)
         y = labels[i:i + batch_size].to(dev)
         mean, logvar = model.encode(x, y)
-        z = mean + torch.exp(0.5 * logvar) * eps[i:i + batch_size].to(dev)
-        recon_sum += (model.decode(z, y) - x).pow(2).sum().item()
-        recon_mean_z_sum += (model.decode(mean, y) - x).pow(2).sum().item()
-        kl_per_dim = -0.5 * (1 + logvar - mean.pow(2) - logvar.exp())  # (B, latent_dim)
-        kl_dims += kl_per_dim.double().sum(dim=0).cpu()
-        kl_sum += kl_per_dim.sum().item()
-    n, pixels, beta = len(images), images[0].numel(), model.hparams.kl_weight
+        z = model.reparameterize(mean, logvar, eps[i:i + batch_size].to(dev))
+        _, recon, kl = elbo_loss(model.decode(z, y), x, mean, logvar, beta)  # batch means
+        recon_sum += recon.item() * len(x)
+        kl_sum += kl.item() * len(x)
+        recon_mean_z_sum += squared_error(model.decode(mean, y), x).sum().item()
+        kl_dims += kl_per_dim(mean, logvar).double().sum(dim=0).cpu()
+    n, pixels = len(images), images[0].numel()
     recon, kl = recon_sum / n, kl_sum / n
     return {
         "images": n,
@@ -375,8 +375,7 @@ def plot_analogies(model, images: torch.Tensor, labels: torch.Tensor, out_dir: P
 
 # ----- command line -------------------------------------------------------------------------------------------------
 def build_parser() -> ArgParser:
-    p = ArgParser(description="Evaluate a trained CVAE on the MNIST test set and write figures and metrics.json.",
-                  formatter_class=lambda prog: argparse.ArgumentDefaultsHelpFormatter(prog, width=100))
+    p = ArgParser(description="Evaluate a trained CVAE on the MNIST test set and write figures and metrics.json.")
     p.add_argument("--ckpt", type=Path, default=Path("cvae.ckpt"), help="checkpoint written by train.py")
     p.add_argument("--out-dir", type=Path, default=Path("results"), help="where the figures and metrics.json go")
     p.add_argument("--data-dir", type=Path, default=Path("data"), help="where MNIST is")
@@ -414,7 +413,6 @@ def main(argv: list[str] | None = None) -> int:
 
     start = time.perf_counter()
     torch.set_num_threads(args.num_threads)
-    use_cached_cuda_check()  # the classifier's optimizer steps, as in train.py
     try:
         device = parse_device(args.device)
         check_output_file(args.out_dir / "metrics.json", "out dir")

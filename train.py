@@ -7,8 +7,6 @@ Per-epoch checkpoints (last.ckpt) and a CSV metrics log go under --run-dir.
 """
 from __future__ import annotations
 
-import functools
-import logging
 import os
 import shlex
 import sys
@@ -21,25 +19,17 @@ import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
 from pytorch_lightning.loggers import CSVLogger
 
-from common import (AtomicCheckpointIO, ArgParser, CheckpointError, UsageError, bounded, check_data_dir,
-                    check_output_file, exit_now, fail, safe_torch_load, use_cached_cuda_check)
+from checkpoint import AtomicCheckpointIO, CheckpointError, safe_torch_load
+from cli import ArgParser, UsageError, bounded, check_data_dir, check_output_file, fail
 from dataset import DataError, MNISTDataModule
+from model import CVAE
 from prior import PRIOR_KINDS, fit_gmm_prior, posterior_means
 
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")
 
 
-def quiet_lightning() -> None:
-    """Drop Lightning's advertising tip and a torch-internal deprecation warning; keep its device report."""
-    logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(
-        lambda record: not str(record.msg).startswith("\N{ELECTRIC LIGHT BULB}"))
-    warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
-    warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
-
-
 def build_parser() -> ArgParser:
-    p = ArgParser(description="Train a conditional VAE on MNIST.",
-                  formatter_class=lambda prog: __import__("argparse").ArgumentDefaultsHelpFormatter(prog, width=100))
+    p = ArgParser(description="Train a conditional VAE on MNIST.")
     g = p.add_argument_group("model and objective")
     g.add_argument("--latent-dim", type=bounded(int, 1), default=2, help="size of z")
     g.add_argument("--kl-weight", type=bounded(float, 0), default=1.0, help="beta: weight of the KL term "
@@ -128,18 +118,6 @@ def check_resumable(checkpoint: dict, model, path: Path) -> None:
                               f"flags of the original run")
 
 
-class LastCheckpoint(ModelCheckpoint):
-    """Lightning's ModelCheckpoint, set up in build_trainer to overwrite checkpoints/last.ckpt every epoch.
-
-    Lightning asks each callback for its state_key at every hook call, five times per training step, and
-    ModelCheckpoint builds its key afresh each time from the repr of its settings: 0.6 % of an epoch
-    (bench/step_overhead.py). The settings do not change after __init__, so the key is built once."""
-
-    @functools.cached_property
-    def state_key(self) -> str:
-        return super().state_key
-
-
 class RNGState(Callback):
     """Saves the global torch RNG in per-epoch checkpoints and restores it on --resume, so an interrupted run
     continues with the same dropout and z noise as an uninterrupted one."""
@@ -157,29 +135,40 @@ class RNGState(Callback):
 
 
 class EpochSummary(Callback):
-    """One line per epoch with the train and validation terms."""
+    """One line per epoch: the train and validation terms (epoch means, from trainer.callback_metrics) and the time
+    the epoch took. Lightning collects what the module logs at an epoch's end only after the callbacks' epoch-end
+    hooks have run, so the line for an epoch is printed when the next one starts, or when training ends."""
+
+    def __init__(self) -> None:
+        self.start = 0.0
+        self.ended: tuple[int, float] | None = None  # (epoch, seconds) of a finished epoch not yet printed
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self.report(trainer)
         self.start = time.perf_counter()
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
-        if trainer.sanity_checking or not trainer.is_global_zero:
+        self.ended = (trainer.current_epoch, time.perf_counter() - self.start)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.report(trainer)
+
+    def report(self, trainer) -> None:
+        if self.ended is None or not trainer.is_global_zero:
             return
-        # The module logs its train terms after this hook runs (callbacks go first), so ask it directly.
-        m = {**{k: float(v) for k, v in trainer.callback_metrics.items()}, **pl_module.epoch_means("train")}
-        parts = [f"{name} {m[name]:.2f}" for name in ("train_loss", "train_recon", "train_kl",
-                                                      "val_loss", "val_recon", "val_kl") if name in m]
-        print(f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}: " + ", ".join(parts)
-              + f" ({time.perf_counter() - self.start:.2f}s)", flush=True)
+        (epoch, seconds), self.ended = self.ended, None
+        m = trainer.callback_metrics
+        parts = [f"{name} {float(m[name]):.2f}" for name in ("train_loss", "train_recon", "train_kl",
+                                                             "val_loss", "val_recon", "val_kl") if name in m]
+        print(f"epoch {epoch + 1}/{trainer.max_epochs}: {', '.join(parts)} ({seconds:.2f}s)", flush=True)
 
 
 def build_trainer(args, callbacks: list[Callback] | None = None) -> pl.Trainer:
     # Every epoch overwrites checkpoints/last.ckpt (the one "top-k" file, no monitor). save_last=True with
     # save_top_k=0 would not do: Lightning 2.6 then writes last.ckpt only when training ends, too late to resume.
-    checkpoint = LastCheckpoint(dirpath=args.run_dir / "checkpoints", filename=LAST_NAME, save_top_k=1,
-                                enable_version_counter=False)
-    # Lightning redraws the bar at every refresh. The callbacks' on_train_batch_end took 0.9 % of an epoch with a
-    # refresh every 10 steps, 0.6 % every 50 (still a few redraws a second; bench/step_overhead.py).
+    checkpoint = ModelCheckpoint(dirpath=args.run_dir / "checkpoints", filename=LAST_NAME, save_top_k=1,
+                                 enable_version_counter=False)
+    # The bar is redrawn at every refresh; every 50 steps is still several times a second.
     progress = [] if args.no_progress else [TQDMProgressBar(refresh_rate=50)]
     return pl.Trainer(
         max_epochs=args.epochs,
@@ -196,12 +185,29 @@ def build_trainer(args, callbacks: list[Callback] | None = None) -> pl.Trainer:
     )
 
 
+def build_model(args) -> CVAE:
+    """The CVAE that train.py's flags describe."""
+    model = CVAE(latent_dim=args.latent_dim, lr=args.lr, kl_weight=args.kl_weight,
+                 kl_warmup_epochs=args.kl_warmup_epochs, free_bits=args.free_bits)
+    if args.compile:
+        # In place, so the state_dict keys (and checkpoints) are the same as without compiling.
+        model.encoder.compile()
+        model.decoder.compile()
+    return model
+
+
+def build_data(args, device: torch.device | None = None) -> MNISTDataModule:
+    """MNIST as train.py's flags describe it. On CUDA the data set is moved to the device once; elsewhere batches
+    stay in host memory."""
+    on_gpu = device is not None and device.type == "cuda"
+    return MNISTDataModule(args.data_dir, batch_size=args.batch_size, val_size=args.val_size, seed=args.seed,
+                           train_size=args.train_size, device=device if on_gpu else None)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from model import CVAE
-
-    quiet_lightning()
-    use_cached_cuda_check()
+    # Lightning 2.6's own code trips this torch deprecation warning on every run; nothing a user can act on.
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
     pl.seed_everything(args.seed, workers=True, verbose=False)
@@ -215,16 +221,9 @@ def main(argv: list[str] | None = None) -> int:
         # Each CPU "device" is a whole training process; more than the cores just exhausts memory.
         fail(f"--devices {args.devices} on CPU would start {trainer.num_devices} processes on {cores} cores; "
              f"use at most {cores}", code=2)
-    # On CUDA the data set is moved to the device once; elsewhere batches stay in host memory.
     device = trainer.strategy.root_device
-    data = MNISTDataModule(args.data_dir, batch_size=args.batch_size, val_size=args.val_size, seed=args.seed,
-                           train_size=args.train_size, device=device if device.type == "cuda" else None)
-    model = CVAE(latent_dim=args.latent_dim, lr=args.lr, kl_weight=args.kl_weight,
-                 kl_warmup_epochs=args.kl_warmup_epochs, free_bits=args.free_bits)
-    if args.compile:
-        # In place, so the state_dict keys (and checkpoints) are the same as without compiling.
-        model.encoder.compile()
-        model.decoder.compile()
+    data = build_data(args, device)
+    model = build_model(args)
     if trainer.is_global_zero:
         print(f"Device: {device} ({trainer.num_devices} device(s) x {trainer.num_nodes} node(s), "
               f"precision {args.precision}, {torch.get_num_threads()} CPU threads)", flush=True)
@@ -293,4 +292,4 @@ def interrupted_hint(args, argv: list[str], finished: bool) -> str:
 
 
 if __name__ == "__main__":
-    exit_now(main())  # skips torch's teardown, which alone would add ~120 MB to the peak memory (see exit_now)
+    sys.exit(main())

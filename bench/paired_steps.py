@@ -1,34 +1,42 @@
 """Cost of train.py's Lightning loop against the plain PyTorch loop, step by step in one process.
 
-    python bench/paired_steps.py                 # ~1 min on a 2-core EPYC: 3 epochs of each, interleaved by step
+    python bench/paired_steps.py                 # ~1 min on a 2-core machine: 3 epochs of each, interleaved by step
     python bench/paired_steps.py --epochs 6
 
-bench/paired_epochs.py compares whole epochs, ~10 s apart, and this machine's speed drifts by up to 25 % even
-between neighbouring epochs. Here the two loops take turns at every step instead, so each pair is measured within
-~30 ms and the drift hits both alike. One process builds the Trainer exactly as train.py does (train.build_trainer,
-default flags, progress bar on). A callback that goes before all the others runs, after each Lightning training
-step, one step of bench/plain_loop.py's loop (the same gather, forward, loss, zero_grad, backward and fused Adam
-step) on a second model and optimizer of its own, and times it. A Lightning step is everything between the end of
-one such plain step and the start of the next: the other callbacks' and the module's batch-end hooks, Lightning's
-end-of-batch checks, fetching the next batch, the batch-start hooks and training_step. Each epoch's end is paired
-too: the plain loop's validation pass against Lightning's, from its start to the epoch-end hooks (validation, the
-per-epoch checkpoint, the epoch's logging). The first epoch is left out (one-time set-up in both), and so is each epoch's
-first training step (it has no plain step before it to be timed against).
+Two separate processes, or even two neighbouring epochs, are seconds apart, and a shared 2-core machine's speed
+drifts by up to 25 % over such spans. Here the two loops take turns at every step instead, so each pair is measured
+within ~30 ms and the drift hits both alike. One process builds the Trainer exactly as train.py does
+(train.build_trainer, default flags, progress bar on). A callback that goes before all the others runs, after each
+Lightning training step, one step of bench/reference/plain_loop.py's loop (the same gather, forward, loss,
+zero_grad, backward and fused Adam step) on a second model and optimizer of its own, and times it. A Lightning step
+is everything between the end of one such plain step and the start of the next: the other callbacks' and the
+module's batch-end hooks, Lightning's end-of-batch checks, fetching the next batch, the batch-start hooks and the
+training step with its backward and optimizer step. Each epoch's end is paired too: the plain loop's validation pass
+against Lightning's, from its start to the epoch-end hooks (validation, the per-epoch checkpoint, the epoch's
+logging). The first epoch is left out (one-time set-up in both), and so is each epoch's first training step (it has
+no plain step before it to be timed against).
+
+Both models draw dropout noise from the same global RNG, so the Lightning model's numbers differ from a plain
+`python train.py` run of the same seed; its speed does not. For where the time of an epoch goes, add
+`profiler="simple"` to the Trainer in train.build_trainer and run train.py.
 """
 from __future__ import annotations
 
+import argparse
 import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Sequence
 
 import torch
+from pytorch_lightning.callbacks import Callback
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from paired_epochs import fit_beside, parse_epochs  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench" / "reference"))
+import train  # noqa: E402
 from plain_loop import plain_model, plain_step, plain_validate  # noqa: E402
-
-from pytorch_lightning.callbacks import Callback  # noqa: E402
 
 
 class PlainStepBeside(Callback):
@@ -73,8 +81,26 @@ class PlainStepBeside(Callback):
             self.ends.append((time.perf_counter() - self.end_start, self.plain_end))
 
 
+def fit_beside(beside: Callback, epochs: int, run_dir: str | Path, extra: Sequence[str] = ()):
+    """Train as `python train.py --epochs EPOCHS` does (train.build_trainer, default flags unless `extra` train.py
+    flags say otherwise, progress bar on), with `beside` as the first callback, so its hooks run before the
+    others'. Returns (trainer, train.py's parsed args)."""
+    targs = train.parse_args(["--epochs", str(epochs), "--run-dir", str(run_dir), "--ckpt", f"{run_dir}/cvae.ckpt",
+                              *extra])
+    trainer = train.build_trainer(targs)
+    # train.py's epoch lines would count the plain-loop work run inside their span; this bench prints its own.
+    trainer.callbacks[:] = [c for c in trainer.callbacks if not isinstance(c, train.EpochSummary)]
+    trainer.callbacks.insert(0, beside)
+    trainer.fit(train.build_model(targs), train.build_data(targs))
+    return trainer, targs
+
+
 def main() -> None:
-    epochs = parse_epochs(__doc__, 3, 2, "the first epoch is left out of the summary")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--epochs", type=int, default=3, help="epochs of each loop, at least 2 (default: 3)")
+    epochs = p.parse_args().epochs
+    if epochs < 2:
+        p.error("--epochs must be at least 2: the first epoch is left out of the summary")
     beside = PlainStepBeside()
     _, targs = fit_beside(beside, epochs, "runs/paired_steps")
 

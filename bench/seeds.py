@@ -38,7 +38,7 @@ def main() -> None:
     import torch
 
     from classifier import load_or_train_classifier
-    from common import load_cvae
+    from checkpoint import load_cvae
     from dataset import MNISTDataModule
     from prior import fit_gmm_prior, posterior_means
     from test import evaluate

@@ -29,8 +29,8 @@ def variants(epochs: int, tmp: Path, extra: list[str]) -> dict[str, list[str]]:
     return {
         "train.py (this repo)": [py, "train.py", "--epochs", str(epochs), "--ckpt", str(tmp / "bench.ckpt"),
                                  "--run-dir", str(tmp / "run"), *extra],
-        "plain PyTorch loop": [py, "bench/plain_loop.py", "--epochs", str(epochs)],
-        "original pipeline": [py, "bench/original_pipeline.py", "--epochs", str(epochs), "--out-dir",
+        "plain PyTorch loop": [py, "bench/reference/plain_loop.py", "--epochs", str(epochs)],
+        "original pipeline": [py, "bench/reference/original_pipeline.py", "--epochs", str(epochs), "--out-dir",
                               str(tmp / "original")],
     }
 

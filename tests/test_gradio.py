@@ -16,7 +16,7 @@ import torch
 from PIL import Image, ImageDraw
 
 import gradio_test as ui
-from common import load_cvae
+from checkpoint import load_cvae
 from model import CVAE
 
 REPO = Path(__file__).resolve().parents[1]

@@ -23,8 +23,8 @@ import torch
 from torch.utils.data import DataLoader
 
 import train
-from common import (AtomicCheckpointIO, CheckpointError, atomic_torch_save, check_output_file, load_cvae,
-                    safe_torch_load)
+from checkpoint import AtomicCheckpointIO, CheckpointError, atomic_torch_save, load_cvae, safe_torch_load
+from cli import check_output_file
 from dataset import RAW_FILES, raw_dir
 from model import CVAE
 
@@ -311,7 +311,7 @@ def test_a_kill_in_the_middle_of_a_save_leaves_the_previous_file(tmp_path):
     script = f"""
 import os, signal, sys, torch
 sys.path.insert(0, {str(ROOT)!r})
-from common import atomic_torch_save
+from checkpoint import atomic_torch_save
 def half_then_die(obj, f):
     f.write(b"PK\\x03\\x04 half a checkpoint"); f.flush()
     os.kill(os.getpid(), signal.SIGKILL)
@@ -437,13 +437,20 @@ def test_damaged_mnist_is_reported_and_not_trained_on(name, damage, word, data_d
 
 
 # ----- interrupted training ----------------------------------------------------------------------------------------
+def default_sigint() -> None:
+    """Run in the child before it starts: a user's Ctrl-C reaches train.py, whatever pytest was started with. A
+    background job of a non-interactive shell ignores SIGINT, children inherit that, and Python then leaves SIGINT
+    ignored instead of raising KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start_training(tmp_path: Path, name: str, data_dir: Path, *extra: str) -> tuple[subprocess.Popen, Path, Path]:
     """train.py in a subprocess; returns (process, its run dir, its final checkpoint path)."""
     run_dir, ckpt = tmp_path / f"{name}-run", tmp_path / f"{name}.ckpt"
     log = open(tmp_path / f"{name}.log", "a")  # files, not pipes: a full pipe would stall the child
     proc = subprocess.Popen([sys.executable, "train.py", "--epochs", str(EPOCHS), "--data-dir", str(data_dir),
                              "--run-dir", str(run_dir), "--ckpt", str(ckpt), *TINY, *ONE_THREAD, *extra],
-                            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, text=True)
+                            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, text=True, preexec_fn=default_sigint)
     log.close()
     return proc, run_dir, ckpt
 

@@ -7,7 +7,7 @@ import sys
 
 import torch
 
-from common import load_cvae, safe_torch_load
+from checkpoint import load_cvae, safe_torch_load
 from conftest import ROOT
 
 FLAGS = ["--epochs", "1", "--limit-train-batches", "4", "--limit-val-batches", "3", "--no-progress",

@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader, random_split
 from torchvision import datasets, transforms
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from dataset import prepare_mnist  # noqa: E402
 from model import CVAE  # noqa: E402
 

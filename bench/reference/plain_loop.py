@@ -1,8 +1,8 @@
 """Reference: the same CVAE trained by a minimal plain-PyTorch loop over in-memory tensors (no Lightning).
 
 Same data split, batch size, optimizer and per-epoch work (train on 55k, validate on 5k) as `python train.py`;
-used by bench/train_speed.py, bench/paired_epochs.py and bench/paired_steps.py as the lower bound for what the
-framework costs. Prints `epoch N: S s` lines.
+used by bench/train_speed.py and bench/paired_steps.py as the lower bound for what the framework costs. Prints
+`epoch N: S s` lines.
 """
 from __future__ import annotations
 
@@ -13,8 +13,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import use_cached_cuda_check  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from dataset import MNISTDataModule, TensorPairDataset  # noqa: E402
 from model import CVAE, elbo_loss  # noqa: E402
 
@@ -62,9 +61,6 @@ def main() -> None:
     p.add_argument("--data-dir", default="data", help="MNIST folder (default: data)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     args = p.parse_args()
-    # model.py imports Lightning, which makes torch's per-step CUDA check slow without a GPU; a loop that did not
-    # import Lightning would not pay for it, so undo it here exactly as train.py does.
-    use_cached_cuda_check()
     torch.manual_seed(args.seed)
     data = MNISTDataModule(args.data_dir, batch_size=args.batch_size, seed=args.seed)
     data.prepare_data()
