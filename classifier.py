@@ -1,36 +1,40 @@
-"""The digit classifier that judges generated images: a small CNN trained on the MNIST training set, and FID.
+"""The judge of generated digits: a small CNN trained on the MNIST training set, its shipped weights, and FID.
 
 Two numbers in test.py come from it: conditional accuracy (does a sample of digit k look like a k to a classifier
 that never saw the CVAE?) and FID (Heusel et al. 2017, "GANs Trained by a Two Time-Scale Update Rule Converge to a
 Local Nash Equilibrium"), computed in this network's penultimate layer instead of Inception's, as is usual for MNIST.
 Inception features are tuned to ImageNet photographs; a network trained on digits measures what matters here.
 
-The classifier is trained once (about a minute on one CPU core), seeded and deterministic, and cached next to the
-data with a hash of what it was trained on; a changed data set or recipe retrains it. Nothing is downloaded.
+FID is comparable between runs and machines only if the network's weights are fixed, so they ship with the repo
+(weights/digit_cnn.pt, 0.8 MB) and are checked against JUDGE_SHA256 before use. They were made by this file:
+
+    python classifier.py                      # retrain (about a minute on one core) -> weights/digit_cnn.pt
+
+The same recipe on another machine rounds differently and gives slightly different weights, hence other FIDs; a
+retrained judge is therefore a new judge: record its hash in JUDGE_SHA256, and re-measure the README's numbers.
 """
 from __future__ import annotations
 
 import hashlib
-import json
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from checkpoint import atomic_torch_save
+from checkpoint import CheckpointError, atomic_torch_save, safe_torch_load
 
-CACHE_NAME = "digit_cnn.pt"
-FORMAT_VERSION = 2  # bump when the architecture or the cache layout changes, so old caches count as stale
+JUDGE_PATH = Path(__file__).resolve().parent / "weights" / "digit_cnn.pt"
+JUDGE_SHA256 = "9b60d41339cd7a094d808b2159bf1d2fea42853919ff7e2497089edf4c1b5404"  # of the shipped file
 
 
 @dataclass(frozen=True)
 class ClassifierConfig:
-    """Everything that decides the trained weights, besides the data; part of the cache key."""
+    """Everything that decides the trained weights, besides the data; saved with them."""
 
     channels: tuple[int, int] = (16, 32)
     hidden: int = 128
@@ -112,15 +116,29 @@ def fid(feats_a: torch.Tensor | np.ndarray, feats_b: torch.Tensor | np.ndarray) 
     return float(max(value, 0.0))  # round-off can leave -1e-12 for identical sets
 
 
-# ----- training and the cache ----------------------------------------------------------------------------------------
-def cache_key(images: torch.Tensor, labels: torch.Tensor, config: ClassifierConfig) -> str:
-    """sha256 of the training images, labels, recipe and format version: a cache with another key is stale."""
-    h = hashlib.sha256()
-    h.update(json.dumps({"format": FORMAT_VERSION, **asdict(config)}, sort_keys=True).encode())
-    for t in (images, labels):
-        h.update(str((t.dtype, tuple(t.shape))).encode())
-        h.update(t.contiguous().numpy().tobytes())
-    return h.hexdigest()
+# ----- the shipped judge and how it was made -------------------------------------------------------------------------
+def sha256_of(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def load_judge(path: str | Path | None = None, device: str | torch.device = "cpu") -> tuple[DigitCNN, str]:
+    """The judge and the sha256 of its file. By default the shipped weights, which must match JUDGE_SHA256; a `path`
+    of your own (a retrained judge) is loaded as it is. Read with weights_only, like every checkpoint here; raises
+    CheckpointError with a one-line message."""
+    path = Path(path) if path is not None else JUDGE_PATH
+    saved = safe_torch_load(path)
+    digest = sha256_of(path)
+    if path == JUDGE_PATH and digest != JUDGE_SHA256:
+        raise CheckpointError(f"judge {path} does not match its recorded hash (sha256 {digest[:12]}..., expected "
+                              f"{JUDGE_SHA256[:12]}...); restore the shipped file with git, or pass weights of your "
+                              f"own with --judge")
+    try:
+        config = ClassifierConfig(**saved.get("config", {}))
+        model = DigitCNN(config.channels, config.hidden, config.dropout)
+        model.load_state_dict(saved["state_dict"])
+    except (RuntimeError, TypeError, ValueError) as err:
+        raise CheckpointError(f"judge {path} does not fit DigitCNN: {' '.join(str(err).split())[:300]}") from None
+    return model.to(device).eval(), digest
 
 
 def train_classifier(images: torch.Tensor, labels: torch.Tensor, config: ClassifierConfig = ClassifierConfig(),
@@ -132,7 +150,7 @@ def train_classifier(images: torch.Tensor, labels: torch.Tensor, config: Classif
     ran 10x slower than one (measured on the project's shared 2-core machine), and the result no longer depends on
     the thread count.
     """
-    from dataset import to_float_images  # here, like load_split below: keeps importing classifier light
+    from dataset import to_float_images  # here: importing classifier for the judge needs no data code
 
     devices = [torch.device(device)] if torch.device(device).type == "cuda" else []
     threads = torch.get_num_threads()
@@ -161,37 +179,33 @@ def train_classifier(images: torch.Tensor, labels: torch.Tensor, config: Classif
     return model.eval()
 
 
-def load_or_train_classifier(data_dir: str | Path, cache_path: str | Path | None = None,
-                             device: str | torch.device = "cpu", config: ClassifierConfig = ClassifierConfig(),
-                             log: Callable[[str], None] = print) -> DigitCNN:
-    """The digit classifier for `data_dir`'s MNIST: loaded from `cache_path` (default data_dir/digit_cnn.pt) when its
-    key matches the training data and recipe, otherwise trained on the training set and cached there.
+def main(argv: list[str] | None = None) -> int:
+    """Retrain the judge on the MNIST training set and write its weights (atomically) with their hash."""
+    from cli import ArgParser
+    from dataset import load_split, prepare_mnist, to_float_images
 
-    The cache holds only tensors and plain values and is read with torch.load(weights_only=True). A missing, stale or
-    unreadable cache is rebuilt (said through `log`); raises dataset.DataError when the MNIST files are missing.
-    """
-    from dataset import load_split  # here: torchvision is only needed once data is read
-
-    cache_path = Path(cache_path) if cache_path is not None else Path(data_dir) / CACHE_NAME
-    images, labels = load_split(data_dir, train=True)
-    key = cache_key(images, labels, config)
-    model = DigitCNN(config.channels, config.hidden, config.dropout)
-    if cache_path.is_file():
-        try:
-            cached = torch.load(cache_path, map_location="cpu", weights_only=True)
-            if cached.get("key") == key:
-                model.load_state_dict(cached["state_dict"])
-                return model.to(device).eval()
-            reason = "stale (trained on other data or with another recipe)"
-        except Exception as err:  # a damaged or foreign file is rebuilt, whatever torch raises for it
-            reason = f"unreadable ({type(err).__name__})"
-        log(f"Classifier cache {cache_path} is {reason}; retraining.")
-    log(f"Training the digit classifier ({config.epochs} epochs on {len(images)} MNIST training images, "
-        f"cached in {cache_path}) ...")
+    p = ArgParser(description="Retrain the digit classifier that judges samples (test.py's FID and accuracy).")
+    p.add_argument("--data-dir", type=Path, default=Path("data"), help="where MNIST is (or is written)")
+    p.add_argument("--out", type=Path, default=JUDGE_PATH, help="where the weights go")
+    args = p.parse_args(argv)
+    prepare_mnist(args.data_dir)
+    images, labels = load_split(args.data_dir, train=True)
+    config = ClassifierConfig()
+    print(f"Training the digit classifier ({config.epochs} epochs on {len(images)} MNIST training images) ...",
+          flush=True)
     start = time.perf_counter()
-    model = train_classifier(images, labels, config, device)
+    model = train_classifier(images, labels, config)
     seconds = time.perf_counter() - start
-    atomic_torch_save({"key": key, "config": asdict(config), "train_seconds": seconds,
-                       "state_dict": {k: v.cpu() for k, v in model.state_dict().items()}}, cache_path)
-    log(f"Trained the digit classifier in {seconds:.0f}s.")
-    return model
+    test_images, test_labels = load_split(args.data_dir, train=False)
+    _, preds = features_and_predictions(model, to_float_images(test_images))
+    accuracy = (preds == test_labels).double().mean().item()
+    atomic_torch_save({"config": asdict(config), "test_accuracy": accuracy, "torch": str(torch.__version__),
+                       "state_dict": model.state_dict()}, args.out)
+    print(f"Wrote {args.out} in {seconds:.0f}s: test accuracy {100 * accuracy:.2f}%, sha256 {sha256_of(args.out)}")
+    if args.out.resolve() == JUDGE_PATH:
+        print("This is a new judge: put its sha256 in classifier.JUDGE_SHA256 and re-measure the README's numbers.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

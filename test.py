@@ -1,28 +1,32 @@
 """Judge a trained CVAE on the MNIST test set and draw the figures people look at.
 
-    python test.py                                   # cvae.ckpt -> results/
-    python test.py --ckpt runs/a.ckpt --out-dir results/a --device cuda
+    python test.py                                   # cvae.ckpt (and its run, runs/cvae) -> results/
+    python test.py --ckpt runs/a.ckpt --run-dir runs/a --out-dir results/a --device cuda
 
-Writes into --out-dir: samples.png, manifold.png, latent_scatter.png, reconstructions.png, analogies.png and
-metrics.json, and prints the metrics as a table. Generated digits are judged by the project's own digit classifier
-(classifier.py; trained once on the MNIST training set and cached next to the data): conditional accuracy is the share
-of samples it reads as the requested digit, FID compares samples and test images in its penultimate-layer features.
+Writes into --out-dir: samples.png, manifold.png, latent_scatter.png, reconstructions.png, analogies.png,
+training_curves.png (from the run's metrics.csv) and metrics.json, and prints the metrics as a table. Generated digits
+are judged by a digit classifier whose weights ship with the repo (classifier.py, weights/digit_cnn.pt): conditional
+accuracy is the share of samples it reads as the requested digit, FID compares samples and test images in its
+penultimate-layer features. Besides the ELBO it reports an importance-weighted bound on log p(x | y).
 
 `evaluate(model, data_dir)` returns the same numbers as a dict, for scripts that compare several checkpoints.
 """
 from __future__ import annotations
 
+import csv
 import json
 import math
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
+from torch.distributions import Normal
 
 from checkpoint import CheckpointError, load_cvae
+from classifier import DigitCNN, features_and_predictions, fid, load_judge
 from cli import ArgParser, UsageError, bounded, check_output_file, fail
 from model import elbo_loss, kl_per_dim, squared_error
 from prior import posterior_means
@@ -35,7 +39,12 @@ FIGSIZES = {
     "latent_scatter.png": (8.0, 8.6),
     "reconstructions.png": (7.4, 3.9),
     "analogies.png": (8.0, 6.7),
+    "training_curves.png": (10.0, 4.2),
 }
+# -log N(x; x_hat, 1/2) summed over 784 pixels is the squared error plus 392 ln(pi): the training loss's "recon" is a
+# negative log-likelihood in nats up to this constant (model.squared_error).
+GAUSSIAN_CONSTANT = 784 / 2 * math.log(math.pi)  # 448.73 nats per image
+IW_SAMPLES = 100  # default k: the whole test set in about 20 s on one CPU core
 MANIFOLD_QUANTILES = (0.05, 0.95)
 SCATTER_CAPTION = ("In a CVAE the decoder is given the label, so z need not encode which digit it is: the classes "
                    "overlap by design,\nand z carries the style (slant, width, stroke) shared across digits.")
@@ -142,32 +151,61 @@ def generate(model, prior: str, per_digit: int, seed: int = 0, batch_size: int =
     return images, labels
 
 
-def evaluate(model, data_dir: str | Path, samples_per_digit: int = 1_000, seed: int = 0, classifier=None,
-             classifier_cache: str | Path | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
+@torch.no_grad()
+def iw_bound(model, images: torch.Tensor, labels: torch.Tensor, k: int, seed: int = 0, batch_size: int = 200
+             ) -> torch.Tensor:
+    """Importance-weighted bound on log p(x | y) per image (Burda, Grosse and Salakhutdinov 2016), in eval mode:
+
+        log p(x | y) >= log (1/k) sum_i p(x | z_i, y) p(z_i) / q(z_i | x, y),   z_i ~ q(z | x, y).
+
+    Returned as a loss, the negative bound in the training loss's units: -log p(x | z, y) is taken as the summed
+    squared error, so add GAUSSIAN_CONSTANT for nats. k = 1 is a one-sample ELBO; the bound tightens as k grows.
+    Noise comes from a generator seeded with `seed`, in test-set order, so the numbers repeat. Returns (N,) on the CPU.
+    """
+    model.eval()
+    dev, d = model.device, model.hparams.latent_dim
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(0, len(images), batch_size):
+        x = images[i:i + batch_size].to(dev).flatten(1)  # (B, 784)
+        y = labels[i:i + batch_size].to(dev)
+        mean, logvar = model.encode(x, y)  # (B, d)
+        eps = torch.randn(k, len(x), d, generator=gen).to(dev)
+        z = model.reparameterize(mean, logvar, eps)  # (k, B, d)
+        log_px = -squared_error(model.decode(z.reshape(-1, d), y.repeat(k)), x.repeat(k, 1)).reshape(k, len(x))
+        log_pz = Normal(0.0, 1.0).log_prob(z).sum(-1)
+        log_qz = Normal(mean, torch.exp(0.5 * logvar)).log_prob(z).sum(-1)
+        log_w = log_px + log_pz - log_qz  # (k, B) log importance weights
+        out.append(-(torch.logsumexp(log_w, dim=0) - math.log(k)).cpu())
+    return torch.cat(out)
+
+
+def evaluate(model, data_dir: str | Path, samples_per_digit: int = 1_000, seed: int = 0,
+             iw_samples: int = IW_SAMPLES, judge: DigitCNN | None = None) -> dict[str, Any]:
     """Every number test.py reports, for one model, as a JSON-ready dict:
 
     test: the ELBO terms per image on the 10k test images (see elbo_terms) and MSE per pixel;
+    likelihood: the negative ELBO and the importance-weighted bound with `iw_samples` samples (iw_bound), per image,
+        in loss units and in nats;
     generation[prior]: for each prior the model has ("standard", and "fitted" when present), the share of
-        samples_per_digit samples per digit the classifier reads as the requested digit (overall and per digit), and
+        samples_per_digit samples per digit the judge reads as the requested digit (overall and per digit), and
         their FID against the test set;
     reconstruction_fid: FID of the test images' reconstructions (posterior mean, eval mode) against the test set, a
         floor for the sample FID;
     prior_used: the prior samples.png and the headline numbers use ("auto": fitted when present).
 
-    FID and accuracy come from `classifier` (default: classifier.load_or_train_classifier(data_dir, classifier_cache)).
+    FID and accuracy come from `judge` (default: the shipped weights, classifier.load_judge()).
     """
-    from classifier import features_and_predictions, fid, load_or_train_classifier
-
     model.eval()
-    if classifier is None:
-        classifier = load_or_train_classifier(data_dir, classifier_cache, device=model.device, log=log)
+    if judge is None:
+        judge, _ = load_judge(device=model.device)
     images, labels = load_test_set(data_dir)
-    test_feats, test_preds = features_and_predictions(classifier, images)
+    test_feats, test_preds = features_and_predictions(judge, images)
     k = model.hparams.num_classes
     generation = {}
     for prior in ("standard", "fitted") if model.fitted_prior is not None else ("standard",):
         samples, wanted = generate(model, prior, samples_per_digit, seed)
-        feats, preds = features_and_predictions(classifier, samples)
+        feats, preds = features_and_predictions(judge, samples)
         hits = (preds == wanted).double()
         generation[prior] = {
             "samples": len(samples),
@@ -175,7 +213,10 @@ def evaluate(model, data_dir: str | Path, samples_per_digit: int = 1_000, seed: 
             "per_digit": [hits[wanted == c].mean().item() for c in range(k)],
             "fid": fid(feats, test_feats),
         }
-    recon_feats, _ = features_and_predictions(classifier, reconstruct(model, images, labels))
+    recon_feats, _ = features_and_predictions(judge, reconstruct(model, images, labels))
+    terms = elbo_terms(model, images, labels, seed)
+    neg_elbo = terms["recon_per_image"] + terms["kl_per_image"]  # the ELBO itself, whatever kl_weight trained it
+    iw = iw_bound(model, images, labels, iw_samples, seed).mean().item()
     return {
         "seed": seed,
         "model": {"latent_dim": model.hparams.latent_dim, "kl_weight": model.hparams.kl_weight,
@@ -183,7 +224,16 @@ def evaluate(model, data_dir: str | Path, samples_per_digit: int = 1_000, seed: 
         "prior_used": model.resolve_prior("auto"),
         "classifier": {"test_accuracy": (test_preds == labels).double().mean().item(),
                        "features": f"DigitCNN penultimate layer ({test_feats.shape[1]}-d), FID in float64"},
-        "test": elbo_terms(model, images, labels, seed),
+        "test": terms,
+        "likelihood": {
+            "units": f"loss units: -log p(x | y) with the summed squared error as -log p(x | z, y); "
+                     f"nats: plus 392 ln(pi) = {GAUSSIAN_CONSTANT:.2f} (a Gaussian decoder with variance 1/2)",
+            "neg_elbo_per_image": neg_elbo,
+            "iw_samples": iw_samples,
+            "iw_bound_per_image": iw,
+            "neg_elbo_nats_per_image": neg_elbo + GAUSSIAN_CONSTANT,
+            "iw_bound_nats_per_image": iw + GAUSSIAN_CONSTANT,
+        },
         "generation": generation,
         "reconstruction_fid": fid(recon_feats, test_feats),
     }
@@ -191,7 +241,7 @@ def evaluate(model, data_dir: str | Path, samples_per_digit: int = 1_000, seed: 
 
 def metrics_table(m: dict[str, Any]) -> str:
     """The metrics as a plain-text table."""
-    t, gen, used = m["test"], m["generation"], m["prior_used"]
+    t, lk, gen, used = m["test"], m["likelihood"], m["generation"], m["prior_used"]
     lines = [
         f"Digit classifier: {100 * m['classifier']['test_accuracy']:.2f}% on the MNIST test set",
         "",
@@ -201,6 +251,12 @@ def metrics_table(m: dict[str, Any]) -> str:
         f"  {'loss (recon + ' + format(t['kl_weight'], 'g') + ' x KL)':<42}{t['loss_per_image']:>10.3f}",
         f"  {'MSE per pixel':<42}{t['mse_per_pixel']:>10.5f}",
         f"  {'MSE per pixel, z = posterior mean':<42}{t['mse_per_pixel_posterior_mean']:>10.5f}",
+        "",
+        f"Negative log-likelihood bounds, per image (lower is tighter){'loss units':>14}{'nats':>10}",
+        f"  {'-ELBO (recon + KL)':<58}{lk['neg_elbo_per_image']:>10.3f}{lk['neg_elbo_nats_per_image']:>10.3f}",
+        f"  {'importance-weighted, k = ' + str(lk['iw_samples']):<58}{lk['iw_bound_per_image']:>10.3f}"
+        f"{lk['iw_bound_nats_per_image']:>10.3f}",
+        f"  (nats = loss units + 392 ln(pi) = {GAUSSIAN_CONSTANT:.2f}: a Gaussian decoder with variance 1/2)",
         "",
         f"Generated digits ({next(iter(gen.values()))['samples']} per prior)".ljust(44)
         + "".join(f"{name + (' *' if name == used else ''):>12}" for name in gen),
@@ -212,6 +268,30 @@ def metrics_table(m: dict[str, Any]) -> str:
     lines += ["  (* the prior samples.png uses)", "",
               f"Reconstruction FID (test images decoded from their posterior means): {m['reconstruction_fid']:.3f}"]
     return "\n".join(lines)
+
+
+CURVES = ("train_recon", "val_recon", "train_kl", "val_kl")
+
+
+def read_training_log(run_dir: str | Path) -> dict[str, dict[int, float]]:
+    """The per-epoch values of CURVES in RUN_DIR/logs/version_*/metrics.csv, as {name: {epoch: value}}; empty when the
+    run has no log.
+
+    Every train.py process logs to a new version. A version whose first epoch is 0 starts a run, and replaces what the
+    versions before it hold; a later one is that run resumed and continues it (its values win for an epoch logged
+    twice), so a resumed run gives one continuous curve."""
+    logs = [p for p in Path(run_dir).glob("logs/version_*/metrics.csv") if p.parent.name[8:].isdigit()]
+    curves: dict[str, dict[int, float]] = {}
+    for path in sorted(logs, key=lambda p: int(p.parent.name[8:])):
+        with open(path, newline="") as f:
+            rows = [row for row in csv.DictReader(f) if any(row.get(name) for name in CURVES)]
+        if rows and min(int(row["epoch"]) for row in rows) == 0:
+            curves = {}
+        for row in rows:
+            for name in CURVES:
+                if row.get(name):
+                    curves.setdefault(name, {})[int(row["epoch"])] = float(row[name])
+    return curves
 
 
 # ----- figures ------------------------------------------------------------------------------------------------------
@@ -373,6 +453,37 @@ def plot_analogies(model, images: torch.Tensor, labels: torch.Tensor, out_dir: P
     return save(fig, out_dir, "analogies.png")
 
 
+def plot_training_curves(curves: dict[str, dict[int, float]], warmup_epochs: float, out_dir: Path,
+                         run_dir: str | Path = "the run") -> Path:
+    """training_curves.png: reconstruction and KL per epoch, train and validation, with the KL warm-up shaded.
+    An epoch's point sits at its end (epoch 1 at x = 1); training values are means over the epoch, with dropout on,
+    validation values are measured after it, with dropout off."""
+    from matplotlib.ticker import MaxNLocator
+
+    fig = new_figure("training_curves.png")
+    axes = fig.subplots(1, 2, gridspec_kw=dict(left=0.07, right=0.98, bottom=0.13, top=0.82, wspace=0.2))
+    titles = {"recon": "reconstruction (summed squared error per image)", "kl": "KL(q(z|x,y) || N(0, I)), nats"}
+    for ax, (term, title) in zip(axes, titles.items()):
+        if warmup_epochs > 0:
+            ax.axvspan(0, warmup_epochs, color="tab:orange", alpha=0.15, lw=0,
+                       label=f"KL warm-up: beta 0 -> 1 over {warmup_epochs:g} epochs")
+        for stage, style in (("train", "-o"), ("val", "--s")):
+            points = sorted(curves.get(f"{stage}_{term}", {}).items())
+            if points:
+                epochs, values = zip(*points)
+                ax.plot([e + 1 for e in epochs], values, style, ms=4, label="train" if stage == "train" else
+                        "validation")
+        ax.set_title(title, fontsize=11)
+        ax.set_xlabel("epoch")
+        ax.set_xlim(left=0)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=9)
+    fig.suptitle(f"Training curves of {run_dir}: epoch means (training with dropout, validation without)",
+                 fontsize=13)
+    return save(fig, out_dir, "training_curves.png")
+
+
 # ----- command line -------------------------------------------------------------------------------------------------
 def build_parser() -> ArgParser:
     p = ArgParser(description="Evaluate a trained CVAE on the MNIST test set and write figures and metrics.json.")
@@ -387,9 +498,13 @@ def build_parser() -> ArgParser:
     p.add_argument("--samples-per-digit", type=bounded(int, 2), default=1_000,
                    help="prior samples per digit for conditional accuracy and FID")
     p.add_argument("--manifold-steps", type=bounded(int, 2, 50), default=15, help="grid size of each manifold panel")
-    p.add_argument("--classifier-cache", type=Path, default=None,
-                   help="digit classifier cache, trained there when missing or stale; None means "
-                        "DATA_DIR/digit_cnn.pt")
+    p.add_argument("--iw-samples", type=bounded(int, 1, 10_000), default=IW_SAMPLES,
+                   help="k of the importance-weighted likelihood bound (samples of z per test image)")
+    p.add_argument("--run-dir", type=Path, default=Path("runs/cvae"),
+                   help="train.py's --run-dir of this checkpoint, for training_curves.png")
+    p.add_argument("--judge", type=Path, default=None,
+                   help="digit classifier weights for FID and accuracy (default: the shipped weights/digit_cnn.pt, "
+                        "checked against its recorded hash)")
     return p
 
 
@@ -418,6 +533,7 @@ def main(argv: list[str] | None = None) -> int:
         check_output_file(args.out_dir / "metrics.json", "out dir")
         # Load on the CPU, then move: the fitted prior stays on the CPU, where its sampler's generator lives.
         model = load_cvae(args.ckpt, map_location="cpu").to(device)
+        judge, judge_sha256 = load_judge(args.judge, device=device)
         if not has_raw_files(args.data_dir):
             raise DataError(f"no MNIST files in {args.data_dir}; write them with `python -c \"import dataset; "
                              f"dataset.prepare_mnist('{args.data_dir}')\"` (train.py does this too) or pass --data-dir")
@@ -429,8 +545,8 @@ def main(argv: list[str] | None = None) -> int:
           f"prior for samples: {model.resolve_prior('auto')})", flush=True)
     try:
         metrics = {"checkpoint": str(args.ckpt),
-                   **evaluate(model, args.data_dir, args.samples_per_digit, args.seed,
-                              classifier_cache=args.classifier_cache)}
+                   "judge": {"weights": str(args.judge or "weights/digit_cnn.pt"), "sha256": judge_sha256},
+                   **evaluate(model, args.data_dir, args.samples_per_digit, args.seed, args.iw_samples, judge)}
         images, labels = load_test_set(args.data_dir)
     except DataError as err:
         fail(str(err))
@@ -443,6 +559,12 @@ def main(argv: list[str] | None = None) -> int:
         plot_reconstructions(model, images, labels, args.out_dir),
         plot_analogies(model, images, labels, args.out_dir),
     ]
+    curves = read_training_log(args.run_dir)
+    if curves:
+        written.append(plot_training_curves(curves, model.hparams.kl_warmup_epochs, args.out_dir, args.run_dir))
+    else:
+        print(f"No training log in {args.run_dir} (logs/version_*/metrics.csv); training_curves.png not written "
+              f"(pass the run's --run-dir)")
     metrics_path = args.out_dir / "metrics.json"
     metrics_path.write_text(json.dumps(metrics, indent=2) + "\n")
     print(f"\nWrote {', '.join(p.name for p in written)} and {metrics_path.name} to {args.out_dir}/ "

@@ -37,15 +37,15 @@ def main() -> None:
 
     import torch
 
-    from classifier import load_or_train_classifier
     from checkpoint import load_cvae
+    from classifier import load_judge
     from dataset import MNISTDataModule
     from prior import fit_gmm_prior, posterior_means
     from test import evaluate
 
     args.out_dir.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)  # evaluation only; training runs in its own process with its own threads
-    classifier = load_or_train_classifier(args.data_dir)
+    judge, _ = load_judge()
     rows, prior_rows = [], []
     for seed in args.seeds:
         ckpt = args.out_dir / f"seed{seed}.ckpt"
@@ -58,7 +58,7 @@ def main() -> None:
             subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
             train_s = time.perf_counter() - start  # the whole `python train.py` process
         model = load_cvae(ckpt)
-        m = evaluate(model, args.data_dir, args.samples_per_digit, seed=0, classifier=classifier, log=lambda s: None)
+        m = evaluate(model, args.data_dir, args.samples_per_digit, seed=0, judge=judge)
         gen = m["generation"][m["prior_used"]]
         rows.append((seed, train_s, m["test"]["kl_per_image"], m["test"]["kl_per_dim"],
                      m["test"]["mse_per_pixel_posterior_mean"], m["prior_used"], gen["conditional_accuracy"],
@@ -71,8 +71,7 @@ def main() -> None:
             z = posterior_means(model, train_set.pixels, train_set.labels)
             for kind, k in PRIOR_VARIANTS:
                 model.fitted_prior = fit_gmm_prior(z, train_set.labels, model.hparams.num_classes, kind, k, seed=seed)
-                g = evaluate(model, args.data_dir, args.samples_per_digit, seed=0, classifier=classifier,
-                             log=lambda s: None)
+                g = evaluate(model, args.data_dir, args.samples_per_digit, seed=0, judge=judge)
                 prior_rows.append((seed, f"{kind}, {k} component{'s' * (k > 1)}",
                                    g["generation"]["fitted"]["conditional_accuracy"], g["generation"]["fitted"]["fid"],
                                    g["reconstruction_fid"]))

@@ -31,3 +31,15 @@ def tiny_ckpt(data_dir, tmp_path_factory) -> Path:
                        "--data-dir", str(data_dir), "--ckpt", str(ckpt), "--run-dir", str(out / "run")])
     assert code == 0 and ckpt.is_file()
     return ckpt
+
+
+@pytest.fixture(scope="session")
+def short_run(data_dir, tmp_path_factory) -> Path:
+    """The run folder of one real epoch on 10,000 training images (100 steps, seconds on a CPU); its final checkpoint
+    is short_run / "short.ckpt" (no fitted prior)."""
+    import train
+
+    out = tmp_path_factory.mktemp("short")
+    assert train.main(["--epochs", "1", "--train-size", "10000", "--no-progress", "--prior", "none",
+                       "--data-dir", str(data_dir), "--ckpt", str(out / "short.ckpt"), "--run-dir", str(out)]) == 0
+    return out

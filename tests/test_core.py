@@ -284,13 +284,10 @@ def test_one_component_prior_is_what_scikit_learn_fits():
     assert sorted(mixture["means"][0, :, 0].tolist())[1] > 2.0  # one component sits on each cluster
 
 
-def test_short_real_run_learns(data_dir, tmp_path):
-    """One epoch on a 10k subset (100 steps). Measured: validation loss 42.5 (seed 0, `pytest -k short_real_run`);
+def test_short_real_run_learns(short_run):
+    """One epoch on a 10k subset (100 steps). Measured: validation loss 41.8 (seed 0, `pytest -k short_real_run`);
     predicting the mean image scores 52.7 (summed squared error per image), an untrained model about 54."""
-    ckpt = tmp_path / "short.ckpt"
-    assert train.main(["--epochs", "1", "--train-size", "10000", "--no-progress", "--prior", "none",
-                       "--data-dir", str(data_dir), "--ckpt", str(ckpt), "--run-dir", str(tmp_path / "run")]) == 0
-    metrics = (tmp_path / "run" / "logs" / "version_0" / "metrics.csv").read_text().splitlines()
+    metrics = (short_run / "logs" / "version_0" / "metrics.csv").read_text().splitlines()
     header = metrics[0].split(",")
     val_loss = [float(row.split(",")[header.index("val_loss")]) for row in metrics[1:]
                 if row.split(",")[header.index("val_loss")]]

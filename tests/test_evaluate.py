@@ -3,21 +3,24 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
+import os
 import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from torch.distributions import Normal
 
 import classifier
-from classifier import DigitCNN, ClassifierConfig, cache_key, fid, load_or_train_classifier, train_classifier
-from checkpoint import load_cvae
+from checkpoint import CheckpointError, load_cvae, safe_torch_load
+from classifier import JUDGE_PATH, JUDGE_SHA256, DigitCNN, ClassifierConfig, fid, load_judge, train_classifier
 from dataset import load_split
-from model import elbo_loss
+from model import elbo_loss, squared_error
 
 ROOT = Path(__file__).resolve().parents[1]
-SEED, PER_DIGIT, STEPS = 3, 30, 5
+SEED, PER_DIGIT, STEPS, IW_K = 3, 30, 5, 8
 
 
 @pytest.fixture(scope="session")
@@ -30,9 +33,9 @@ def evaluation():
 
 
 @pytest.fixture(scope="session")
-def digit_cnn(data_dir) -> DigitCNN:
-    """The project's classifier from the shared cache (data/digit_cnn.pt), trained there on first use (~1 min)."""
-    return load_or_train_classifier(data_dir)
+def digit_cnn() -> DigitCNN:
+    """The shipped judge (weights/digit_cnn.pt)."""
+    return load_judge()[0]
 
 
 @pytest.fixture(scope="session")
@@ -46,7 +49,8 @@ def results(evaluation, tiny_ckpt, data_dir, digit_cnn, tmp_path_factory) -> Pat
     """One real run of `python test.py` on the tiny checkpoint, with few samples."""
     out = tmp_path_factory.mktemp("results") / "out"
     code = evaluation.main(["--ckpt", str(tiny_ckpt), "--out-dir", str(out), "--data-dir", str(data_dir),
-                            "--seed", str(SEED), "--samples-per-digit", str(PER_DIGIT), "--manifold-steps", str(STEPS)])
+                            "--seed", str(SEED), "--samples-per-digit", str(PER_DIGIT), "--manifold-steps", str(STEPS),
+                            "--iw-samples", str(IW_K), "--run-dir", str(tiny_ckpt.parent / "run")])
     assert code == 0
     return out
 
@@ -119,11 +123,20 @@ def test_metrics_match_an_independent_recomputation(results, tiny_ckpt, test_set
         assert metrics["reconstruction_fid"] == pytest.approx(
             reference_fid(digit_cnn.features(mean_recon.reshape(-1, 1, 28, 28)), test_feats), rel=1e-4)
 
+    # The likelihood bounds: -ELBO = recon + KL; the IW bound with k samples is tighter (lower); nats add 392 ln(pi).
+    lk = metrics["likelihood"]
+    assert lk["iw_samples"] == IW_K
+    assert lk["neg_elbo_per_image"] == pytest.approx(t["recon_per_image"] + t["kl_per_image"], rel=1e-6)
+    assert lk["iw_bound_per_image"] < lk["neg_elbo_per_image"]
+    for name in ("neg_elbo", "iw_bound"):
+        assert lk[f"{name}_nats_per_image"] - lk[f"{name}_per_image"] == pytest.approx(392 * np.log(np.pi))
+    assert metrics["judge"] == {"weights": "weights/digit_cnn.pt", "sha256": JUDGE_SHA256}
+
 
 def test_a_model_without_fitted_prior_reports_the_standard_prior(tiny_ckpt, data_dir, digit_cnn, evaluation):
     model = load_cvae(tiny_ckpt)
     model.fitted_prior = None
-    metrics = evaluation.evaluate(model, data_dir, samples_per_digit=3, classifier=digit_cnn)
+    metrics = evaluation.evaluate(model, data_dir, samples_per_digit=3, iw_samples=2, judge=digit_cnn)
     assert metrics["prior_used"] == "standard" and list(metrics["generation"]) == ["standard"]
     json.dumps(metrics)  # plain JSON types only
 
@@ -200,31 +213,137 @@ def test_classifier_training_is_seeded_and_leaves_the_global_rng_alone(data_dir)
     assert all(torch.equal(first[k], second[k]) for k in first)
 
 
-def test_cache_is_reused_when_fresh_and_rebuilt_when_missing_stale_or_damaged(data_dir, digit_cnn, tmp_path,
-                                                                              monkeypatch):
-    trained = []
+def test_the_shipped_judge_is_checked_against_its_hash(tmp_path, monkeypatch, digit_cnn, test_set):
+    """The weights that make FID comparable ship with the repo; a changed file is refused in one line."""
+    model, digest = load_judge()
+    assert digest == JUDGE_SHA256 and not model.training
+    tampered = tmp_path / JUDGE_PATH.name
+    saved = safe_torch_load(JUDGE_PATH)
+    saved["state_dict"]["head.bias"] += 0.01
+    torch.save(saved, tampered)
+    monkeypatch.setattr(classifier, "JUDGE_PATH", tampered)
+    with pytest.raises(CheckpointError, match="does not match its recorded hash") as err:
+        load_judge()
+    assert "\n" not in str(err.value)
+    monkeypatch.undo()
+    # Any other file is a judge of the user's choosing, loaded as it is; its hash is reported.
+    other, other_digest = load_judge(tampered)
+    assert other_digest != JUDGE_SHA256
+    assert torch.equal(other.head.bias, digit_cnn.head.bias + 0.01)
 
-    def fake_train(images, labels, config, device="cpu"):
-        trained.append(len(images))
-        return DigitCNN(config.channels, config.hidden, config.dropout)
 
-    monkeypatch.setattr(classifier, "train_classifier", fake_train)
-    cache = tmp_path / "cnn.pt"
-    load_or_train_classifier(data_dir, cache, log=lambda msg: None)  # missing -> trained
-    assert trained == [60_000] and cache.is_file()
-    load_or_train_classifier(data_dir, cache, log=lambda msg: None)  # fresh -> loaded
-    assert len(trained) == 1
-    load_or_train_classifier(data_dir, cache, config=ClassifierConfig(seed=1), log=lambda msg: None)  # stale
-    assert len(trained) == 2
-    cache.write_bytes(b"not a checkpoint")
-    load_or_train_classifier(data_dir, cache, log=lambda msg: None)  # damaged -> trained
-    assert len(trained) == 3
+def test_retraining_writes_a_judge_that_loads(tmp_path, monkeypatch, data_dir):
+    """`python classifier.py` (here on 512 images) writes weights, their hash and accuracy, loadable as a judge."""
+    import dataset
 
-    # The key covers the data and the recipe.
-    images, labels = torch.zeros(4, 28, 28, dtype=torch.uint8), torch.arange(4)
-    key = cache_key(images, labels, ClassifierConfig())
-    changed = images.clone()
-    changed[0, 0, 0] = 1
-    assert cache_key(changed, labels, ClassifierConfig()) != key
-    assert cache_key(images, labels, ClassifierConfig(seed=1)) != key
-    assert cache_key(images, labels.flip(0), ClassifierConfig()) != key
+    real_load_split = dataset.load_split
+    monkeypatch.setattr(dataset, "load_split", lambda d, train: tuple(t[:512] for t in real_load_split(d, train)))
+    out = tmp_path / "judge.pt"
+    assert classifier.main(["--data-dir", str(data_dir), "--out", str(out)]) == 0
+    saved = safe_torch_load(out)
+    assert saved["config"] == classifier.asdict(ClassifierConfig())
+    assert 0.5 < saved["test_accuracy"] <= 1.0
+    model, digest = load_judge(out)
+    assert digest == classifier.sha256_of(out)
+    assert torch.equal(model.head.weight, saved["state_dict"]["head.weight"])
+
+
+# ----- the likelihood bounds ----------------------------------------------------------------------------------------
+def test_iw_bound_starts_at_the_elbo_and_tightens_with_k(short_run, test_set, evaluation):
+    """k = 1 is the ELBO (up to Monte Carlo noise); more samples give a tighter (lower) bound on -log p(x | y)."""
+    model = load_cvae(short_run / "short.ckpt")
+    images, labels = test_set[0][:1000], test_set[1][:1000]
+    with torch.no_grad():  # -ELBO = E_q[squared error] + KL, the expectation over 50 draws of z per image
+        mean, logvar = model.encode(images, labels)
+        z = model.reparameterize(mean, logvar, torch.randn(50, *mean.shape, generator=torch.Generator().manual_seed(9)))
+        recon = model.decode(z.reshape(-1, 2), labels.repeat(50))
+        expected_sse = squared_error(recon, images.flatten(1).repeat(50, 1)).reshape(50, -1).mean(0)
+        _, _, kl = elbo_loss(recon[:len(images)], images, mean, logvar)
+        neg_elbo = expected_sse.mean().item() + kl.item()
+    bound = {k: evaluation.iw_bound(model, images, labels, k).mean().item() for k in (1, 10, 100)}
+    assert bound[1] == pytest.approx(neg_elbo, abs=0.03)
+    assert bound[10] < bound[1] - 0.02 and bound[100] < bound[10]
+
+
+def log_likelihood_by_quadrature(model, image: torch.Tensor, label: torch.Tensor, n: int = 201) -> float:
+    """log of the integral of p(x | z, y) p(z) over the 2-D z, in iw_bound's units (-log p(x | z, y) = squared
+    error), by the midpoint rule: a coarse grid over the prior finds where the integrand lives, a fine one there."""
+    def log_integrand(z):
+        recon = model.decode(z, label.repeat(len(z)))
+        return -squared_error(recon, image.flatten(1).repeat(len(z), 1)) + Normal(0.0, 1.0).log_prob(z).sum(-1)
+
+    def grid(lo, hi, steps):
+        axes = [torch.linspace(float(a), float(b), steps) for a, b in zip(lo, hi)]
+        cell = (axes[0][1] - axes[0][0]) * (axes[1][1] - axes[1][0])
+        return torch.cartesian_prod(*axes), math.log(cell)
+
+    with torch.no_grad():
+        z, _ = grid((-6, -6), (6, 6), 121)
+        values = log_integrand(z)
+        inside = z[values > values.max() - 40]  # e^-40 of the peak: nothing beyond matters
+        z, log_cell = grid(inside.min(0).values - 0.1, inside.max(0).values + 0.1, n)
+        return (torch.logsumexp(log_integrand(z), 0) + log_cell).item()
+
+
+def test_iw_bound_approaches_the_log_likelihood_from_below(short_run, test_set, evaluation):
+    """With a 2-D z, log p(x | y) is an integral that a fine grid computes. The bound, averaged over 20 repeats to
+    tame its noise, rises with k towards it and closes most of the ELBO's gap by k = 1000. Run it on a checkpoint
+    of your own with IW_CKPT=cvae.ckpt pytest -s tests/test_evaluate.py -k from_below."""
+    model = load_cvae(os.environ.get("IW_CKPT") or short_run / "short.ckpt")
+    repeats, ks = 20, (1, 10, 100, 1000)
+    for i in range(4):
+        image, label = test_set[0][i:i + 1], test_set[1][i:i + 1]
+        exact = log_likelihood_by_quadrature(model, image, label)
+        bound = {k: -evaluation.iw_bound(model, image.repeat(repeats, 1, 1, 1), label.repeat(repeats), k,
+                                         seed=i).mean().item() for k in ks}
+        print(f"image {i}: log p(x|y) by quadrature {exact:.4f} (nats: {exact - 392 * math.log(math.pi):.4f}); "
+              + ", ".join(f"k={k}: {b:.4f}" for k, b in bound.items()))
+        gap = exact - bound[1]
+        assert gap > 0
+        assert bound[1] < bound[10] < bound[1000] <= exact + 0.1 * gap
+        assert exact - bound[1000] < 0.25 * gap
+
+
+# ----- training curves ------------------------------------------------------------------------------------------------
+def write_log(run_dir: Path, version: int, rows: list[dict]) -> None:
+    """A metrics.csv as Lightning's CSVLogger writes it: one row per logging call, empty cells elsewhere."""
+    import csv
+
+    path = run_dir / "logs" / f"version_{version}" / "metrics.csv"
+    path.parent.mkdir(parents=True)
+    names = ["epoch", "step", "train_kl", "train_recon", "val_kl", "val_recon", "test_kl"]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=names)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def epoch_rows(epochs, value):
+    """For each epoch: the validation row, then the training row, as train.py logs them."""
+    return [row for e in epochs for row in ({"epoch": e, "val_recon": value(e), "val_kl": 1.0},
+                                            {"epoch": e, "train_recon": value(e) + 1, "train_kl": 2.0})]
+
+
+def test_training_log_joins_a_resumed_run_and_starts_over_at_a_fresh_one(tmp_path, evaluation):
+    run = tmp_path / "run"
+    write_log(run, 0, epoch_rows(range(3), lambda e: 10 - e))  # a run, interrupted after epoch 3 (index 2)
+    write_log(run, 1, epoch_rows(range(2, 5), lambda e: 20 - e) + [{"epoch": 5, "test_kl": 1.0}])  # resumed
+    curves = evaluation.read_training_log(run)
+    assert curves["val_recon"] == {0: 10, 1: 9, 2: 18, 3: 17, 4: 16}  # one curve; the resumed epoch 2 wins
+    assert curves["train_recon"] == {0: 11, 1: 10, 2: 19, 3: 18, 4: 17}
+    write_log(run, 2, [{"epoch": 5, "test_kl": 1.0}])  # a resumed run with no epochs left: nothing changes
+    assert evaluation.read_training_log(run) == curves
+    write_log(run, 10, epoch_rows(range(2), lambda e: 5))  # a fresh run (version 10 sorts after 2) replaces it
+    assert evaluation.read_training_log(run)["val_recon"] == {0: 5, 1: 5}
+    assert evaluation.read_training_log(tmp_path / "no-run") == {}
+
+
+def test_without_a_training_log_the_other_figures_are_still_written(tiny_ckpt, data_dir, evaluation, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert evaluation.main(["--ckpt", str(tiny_ckpt), "--out-dir", str(out), "--data-dir", str(data_dir),
+                            "--samples-per-digit", "3", "--manifold-steps", "2", "--iw-samples", "1",
+                            "--run-dir", str(tmp_path / "no-run")]) == 0
+    printed = capsys.readouterr().out
+    assert f"No training log in {tmp_path / 'no-run'}" in printed
+    expected = [name for name in evaluation.FIGSIZES if name != "training_curves.png"] + ["metrics.json"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(expected)
