@@ -4,8 +4,9 @@
     python bench/seeds.py --train-args "--kl-warmup-epochs 0"   # the recipe without warm-up, for comparison
     python bench/seeds.py --compare-priors                 # also refit other sampling priors on each checkpoint
 
-One row per seed: test KL, reconstruction MSE per pixel (z = posterior mean), conditional accuracy and sample FID
-with the prior the checkpoint samples from, and the reconstruction FID. Checkpoints go to --out-dir; an existing
+One row per seed: test KL, reconstruction MSE per pixel (z = posterior mean), the negative ELBO and the
+importance-weighted bound (k = 100) per image in loss units, conditional accuracy and sample FID with the prior the
+checkpoint samples from, and the reconstruction FID. Checkpoints go to --out-dir; an existing
 checkpoint for a seed is reused with --reuse (same flags assumed).
 """
 from __future__ import annotations
@@ -61,7 +62,8 @@ def main() -> None:
         m = evaluate(model, args.data_dir, args.samples_per_digit, seed=0, judge=judge)
         gen = m["generation"][m["prior_used"]]
         rows.append((seed, train_s, m["test"]["kl_per_image"], m["test"]["kl_per_dim"],
-                     m["test"]["mse_per_pixel_posterior_mean"], m["prior_used"], gen["conditional_accuracy"],
+                     m["test"]["mse_per_pixel_posterior_mean"], m["likelihood"]["neg_elbo_per_image"],
+                     m["likelihood"]["iw_bound_per_image"], m["prior_used"], gen["conditional_accuracy"],
                      gen["fid"], m["reconstruction_fid"],
                      m["generation"]["standard"]["conditional_accuracy"], m["generation"]["standard"]["fid"]))
         if args.compare_priors:
@@ -77,12 +79,13 @@ def main() -> None:
                                    g["reconstruction_fid"]))
 
     print(f"\ntrain.py {args.train_args or '(defaults)'}; judged by test.py's evaluate()\n")
-    print("| seed | train.py (s) | KL (nats) | KL per dim | MSE/pixel | prior | cond. acc. | sample FID | recon FID "
-          "| FID gap | N(0,I) acc. | N(0,I) FID |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for seed, train_s, kl, kl_dims, mse, prior, acc, fid, rfid, sacc, sfid in rows:
+    print("| seed | train.py (s) | KL (nats) | KL per dim | MSE/pixel | -ELBO | IW bound | prior | cond. acc. "
+          "| sample FID | recon FID | FID gap | N(0,I) acc. | N(0,I) FID |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for seed, train_s, kl, kl_dims, mse, nelbo, iw, prior, acc, fid, rfid, sacc, sfid in rows:
         dims = ", ".join(f"{d:.2f}" for d in kl_dims)
-        print(f"| {seed} | {train_s:.1f} | {kl:.2f} | {dims} | {mse:.4f} | {prior} | {100 * acc:.2f}% | {fid:.1f} "
+        print(f"| {seed} | {train_s:.1f} | {kl:.2f} | {dims} | {mse:.4f} | {nelbo:.2f} | {iw:.2f} | {prior} "
+              f"| {100 * acc:.2f}% | {fid:.1f} "
               f"| {rfid:.1f} "
               f"| {100 * (fid / rfid - 1):+.1f}% | {100 * sacc:.2f}% | {sfid:.1f} |")
     if prior_rows:
