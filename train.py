@@ -3,7 +3,8 @@
     python train.py                      # 10 epochs, batch 100, Adam 1e-3, latent 2 -> cvae.ckpt
     python train.py --resume             # continue the same run from its last per-epoch checkpoint
 
-Per-epoch checkpoints (last.ckpt) and a CSV metrics log go under --run-dir.
+Under --run-dir: the per-epoch checkpoint (checkpoints/last.ckpt) and, per process, logs/version_N with a CSV log
+and TensorBoard events (`tensorboard --logdir runs/cvae`).
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ def build_parser() -> ArgParser:
     g.add_argument("--kl-weight", type=bounded(float, 0), default=1.0, help="beta: weight of the KL term "
                    "(0 = the original plain-MSE autoencoder)")
     # Without warm-up, MSE + KL often switches off one of the two latent dimensions early in training
-    # (bench/seeds.py in the README measures the recipe on three seeds).
+    # (README: Sample quality; bench/seeds.py measures the recipe on three seeds).
     g.add_argument("--kl-warmup-epochs", type=bounded(float, 0), default=2.0,
                    help="ramp beta linearly from 0 over this many epochs, per step (0 = off)")
     g.add_argument("--free-bits", type=bounded(float, 0), default=0.0,
@@ -59,7 +60,7 @@ def build_parser() -> ArgParser:
     g = p.add_argument_group("output")
     g.add_argument("--ckpt", type=Path, default=Path("cvae.ckpt"), help="final checkpoint")
     g.add_argument("--run-dir", type=Path, default=Path("runs/cvae"),
-                   help="per-epoch checkpoints (checkpoints/last.ckpt) and CSV logs")
+                   help="per-epoch checkpoint (checkpoints/last.ckpt) and logs (CSV, TensorBoard)")
     g.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoints/last.ckpt")
     g = p.add_argument_group("hardware (passed to the Lightning Trainer)")
     g.add_argument("--accelerator", choices=ACCELERATORS, default="auto", help="device type")
@@ -70,7 +71,7 @@ def build_parser() -> ArgParser:
     g.add_argument("--num-threads", type=bounded(int, 1), default=None,
                    help="CPU threads for torch (default: torch's choice)")
     g.add_argument("--compile", action="store_true",
-                   help="torch.compile the encoder and decoder (needs a C++ compiler on CPU; see README: Performance)")
+                   help="torch.compile the encoder and decoder (needs a C++ compiler on CPU; bench/README.md)")
     g = p.add_argument_group("debugging")
     g.add_argument("--limit-train-batches", type=bounded(int, 1), default=None,
                    help="train on this many batches per epoch")
@@ -225,7 +226,6 @@ def build_trainer(args, callbacks: list[Callback] | None = None) -> pl.Trainer:
         use_distributed_sampler=False,
         limit_train_batches=args.limit_train_batches, limit_val_batches=args.limit_val_batches,
         enable_progress_bar=not args.no_progress, enable_model_summary=False,
-        log_every_n_steps=50,
     )
 
 
