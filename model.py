@@ -282,6 +282,9 @@ class CVAE(pl.LightningModule):
 
     # ----- checkpoint extras (plain tensors only, so weights_only loading works) ---------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # train.py resumes only checkpoints with this mark: those of the train.py before it optimised manually, and
+        # Lightning would restart their step count (and the KL warm-up) from zero.
+        checkpoint["optimisation"] = "automatic"
         if self.fitted_prior is not None:
             checkpoint["fitted_prior"] = self.fitted_prior
 

@@ -279,7 +279,8 @@ def read_training_log(run_dir: str | Path) -> dict[str, dict[int, float]]:
 
     Every train.py process logs to a new version. A version whose first epoch is 0 starts a run, and replaces what the
     versions before it hold; a later one is that run resumed and continues it (its values win for an epoch logged
-    twice), so a resumed run gives one continuous curve."""
+    twice), so a resumed run gives one continuous curve. (A run killed right after an epoch's checkpoint, before
+    Lightning logged that epoch's training means, misses that one training point.)"""
     logs = [p for p in Path(run_dir).glob("logs/version_*/metrics.csv") if p.parent.name[8:].isdigit()]
     curves: dict[str, dict[int, float]] = {}
     for path in sorted(logs, key=lambda p: int(p.parent.name[8:])):

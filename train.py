@@ -111,6 +111,9 @@ def check_resumable(checkpoint: dict, model, path: Path) -> None:
     if not {"epoch", "loops", "optimizer_states"} <= checkpoint.keys():
         raise CheckpointError(f"{path} holds no training state (epoch, loops, optimizer); only a per-epoch "
                               f"checkpoint written by train.py can be resumed")
+    if checkpoint.get("optimisation") != "automatic":
+        raise CheckpointError(f"{path} was written by an older train.py, whose step count this one would restart "
+                              f"(and the KL warm-up with it); start a new run")
     saved = checkpoint.get("hyper_parameters")
     saved = saved if isinstance(saved, dict) else {}
     differ = [f"{name} {saved.get(name)!r} in the checkpoint, {value!r} now" for name, value in model.hparams.items()

@@ -502,7 +502,10 @@ def assert_resumed_where_it_stopped(log: str, run_dir: Path, done: int) -> None:
         epochs = {int(row["epoch"]) for row in csv.DictReader(f) if row["train_loss"]}
     assert epochs == set(range(done, EPOCHS))  # Lightning counts epochs from 0
     curves = script_module("test.py").read_training_log(run_dir)
-    assert all(sorted(curves[name]) == list(range(EPOCHS)) for name in ("train_recon", "val_recon"))
+    assert sorted(curves["val_recon"]) == list(range(EPOCHS))
+    # Lightning writes an epoch's checkpoint just before it logs the epoch's training means, so a run stopped at its
+    # checkpoint, as here, may never log them for that epoch: that point may be missing, no other.
+    assert set(range(EPOCHS)) - {done - 1} <= set(curves["train_recon"]) <= set(range(EPOCHS))
 
 
 def assert_same_run(ckpt: Path, reference: Path) -> None:
@@ -620,4 +623,12 @@ def test_resume_with_other_model_settings_is_refused(tmp_path, data_dir, uninter
     code, err = run_main(train, resume, capsys)
     assert code == 1
     one_line_error(err, "no training state")
+    assert not (tmp_path / "b.ckpt").exists()
+    # One from the train.py before automatic optimisation: Lightning would restart its step count at 0.
+    older = safe_torch_load(train.last_checkpoint(reference.with_name("reference-run")))
+    del older["optimisation"]
+    torch.save(older, train.last_checkpoint(run_dir))
+    code, err = run_main(train, resume, capsys)
+    assert code == 1
+    one_line_error(err, "cannot resume", "older train.py")
     assert not (tmp_path / "b.ckpt").exists()
