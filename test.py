@@ -27,6 +27,7 @@ from torch.distributions import Normal
 
 from checkpoint import CheckpointError, load_cvae
 from classifier import DigitCNN, features_and_predictions, fid, load_judge
+from dataset import IMAGE_SIZE, DataError, has_raw_files, load_split, to_float_images
 from cli import ArgParser, UsageError, bounded, check_output_file, fail
 from model import elbo_loss, kl_per_dim, squared_error
 from prior import posterior_means
@@ -41,9 +42,9 @@ FIGSIZES = {
     "analogies.png": (8.0, 6.7),
     "training_curves.png": (10.0, 4.2),
 }
-# -log N(x; x_hat, 1/2) summed over 784 pixels is the squared error plus 392 ln(pi): the training loss's "recon" is a
-# negative log-likelihood in nats up to this constant (model.squared_error).
-GAUSSIAN_CONSTANT = 784 / 2 * math.log(math.pi)  # 448.73 nats per image
+# -log N(x; x_hat, 1/2) summed over an image's pixels is the squared error plus (pixels / 2) ln(pi): the training
+# loss's "recon" is a negative log-likelihood in nats up to this constant (model.squared_error).
+GAUSSIAN_CONSTANT = IMAGE_SIZE ** 2 / 2 * math.log(math.pi)  # 392 ln(pi) = 448.73 nats per MNIST image
 IW_SAMPLES = 100  # default k: the whole test set in about 20 s on one CPU core
 MANIFOLD_QUANTILES = (0.05, 0.95)
 SCATTER_CAPTION = ("In a CVAE the decoder is given the label, so z need not encode which digit it is: the classes "
@@ -53,8 +54,6 @@ SCATTER_CAPTION = ("In a CVAE the decoder is given the label, so z need not enco
 # ----- computations (no plotting) ---------------------------------------------------------------------------------
 def load_test_set(data_dir: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
     """The verified MNIST test set: images float (10000, 1, 28, 28) in [0, 1] (uint8 / 255, as in training), labels."""
-    from dataset import load_split, to_float_images
-
     images, labels = load_split(data_dir, train=False)
     return to_float_images(images), labels
 
@@ -525,8 +524,6 @@ def parse_device(name: str) -> torch.device:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from dataset import DataError, has_raw_files
-
     start = time.perf_counter()
     torch.set_num_threads(args.num_threads)
     try:
