@@ -126,6 +126,8 @@ def load_judge(path: str | Path | None = None, device: str | torch.device = "cpu
     of your own (a retrained judge) is loaded as it is. Read with weights_only, like every checkpoint here; raises
     CheckpointError with a one-line message."""
     path = Path(path) if path is not None else JUDGE_PATH
+    if not path.is_file():
+        raise CheckpointError(f"judge {path} not found; `python classifier.py --out {path}` trains one")
     saved = safe_torch_load(path)
     digest = sha256_of(path)
     if path == JUDGE_PATH and digest != JUDGE_SHA256:

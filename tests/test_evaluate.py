@@ -142,8 +142,9 @@ def test_a_model_without_fitted_prior_reports_the_standard_prior(tiny_ckpt, data
 
 
 @pytest.mark.parametrize("flag, value, hint", [("--ckpt", "missing.ckpt", "python train.py"),
-                                               ("--data-dir", "no-such-dir", "prepare_mnist")])
-def test_missing_checkpoint_or_data_gives_one_line_and_nonzero_exit(flag, value, hint, tiny_ckpt, data_dir,
+                                               ("--data-dir", "no-such-dir", "prepare_mnist"),
+                                               ("--judge", "missing.pt", "python classifier.py")])
+def test_missing_checkpoint_data_or_judge_gives_one_line_and_nonzero_exit(flag, value, hint, tiny_ckpt, data_dir,
                                                                     evaluation, tmp_path, capsys):
     args = {"--ckpt": str(tiny_ckpt), "--data-dir": str(data_dir), "--out-dir": str(tmp_path / "out")}
     args[flag] = str(tmp_path / value)
