@@ -145,7 +145,7 @@ def test_a_model_without_fitted_prior_reports_the_standard_prior(tiny_ckpt, data
                                                ("--data-dir", "no-such-dir", "prepare_mnist"),
                                                ("--judge", "missing.pt", "python classifier.py")])
 def test_missing_checkpoint_data_or_judge_gives_one_line_and_nonzero_exit(flag, value, hint, tiny_ckpt, data_dir,
-                                                                    evaluation, tmp_path, capsys):
+                                                                            evaluation, tmp_path, capsys):
     args = {"--ckpt": str(tiny_ckpt), "--data-dir": str(data_dir), "--out-dir": str(tmp_path / "out")}
     args[flag] = str(tmp_path / value)
     with pytest.raises(SystemExit) as exc:
