@@ -56,12 +56,14 @@ class CheckpointError(Exception):
     """A checkpoint that cannot be used: missing, damaged, unsafe or of another model. The message is one line."""
 
 
-def safe_torch_load(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
+def safe_torch_load(path: str | Path, map_location: Any = "cpu",
+                    make_one: str = "train one with `python train.py`") -> dict[str, Any]:
     """torch.load with weights_only=True: only tensors and plain Python containers are unpickled, so a crafted
-    checkpoint cannot execute code. Every failure becomes a one-line CheckpointError naming the file."""
+    checkpoint cannot execute code. Every failure becomes a one-line CheckpointError naming the file; a missing one
+    says how to `make_one`."""
     path = Path(path)
     if not path.exists():
-        raise CheckpointError(f"checkpoint {path} not found; train one with `python train.py`")
+        raise CheckpointError(f"checkpoint {path} not found; {make_one}")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} is not a file")
     if path.stat().st_size == 0:

@@ -28,7 +28,8 @@ from torch import nn
 
 from checkpoint import CheckpointError, atomic_torch_save, safe_torch_load
 
-JUDGE_PATH = Path(__file__).resolve().parent / "weights" / "digit_cnn.pt"
+JUDGE_FILE = "weights/digit_cnn.pt"  # relative to the repo
+JUDGE_PATH = Path(__file__).resolve().parent / JUDGE_FILE
 JUDGE_SHA256 = "9b60d41339cd7a094d808b2159bf1d2fea42853919ff7e2497089edf4c1b5404"  # of the shipped file
 
 
@@ -126,9 +127,7 @@ def load_judge(path: str | Path | None = None, device: str | torch.device = "cpu
     of your own (a retrained judge) is loaded as it is. Read with weights_only, like every checkpoint here; raises
     CheckpointError with a one-line message."""
     path = Path(path) if path is not None else JUDGE_PATH
-    if not path.is_file():
-        raise CheckpointError(f"judge {path} not found; `python classifier.py --out {path}` trains one")
-    saved = safe_torch_load(path)
+    saved = safe_torch_load(path, make_one=f"`python classifier.py --out {path}` trains one")
     digest = sha256_of(path)
     if path == JUDGE_PATH and digest != JUDGE_SHA256:
         raise CheckpointError(f"judge {path} does not match its recorded hash (sha256 {digest[:12]}..., expected "

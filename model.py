@@ -22,6 +22,9 @@ from prior import check_prior, sample_prior
 PRIORS = ("standard", "fitted")
 STAGES = ("train", "val", "test")
 TERMS = ("loss", "recon", "kl")  # what elbo_loss returns, in that order
+# Marks checkpoints of this training loop. train.py resumes only marked ones: the train.py before it optimised
+# manually, and Lightning would restart the step count (and the KL warm-up) of such a checkpoint from zero.
+OPTIMISATION = "automatic"
 
 
 def kl_per_dim(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
@@ -282,9 +285,7 @@ class CVAE(pl.LightningModule):
 
     # ----- checkpoint extras (plain tensors only, so weights_only loading works) ---------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # train.py resumes only checkpoints with this mark: those of the train.py before it optimised manually, and
-        # Lightning would restart their step count (and the KL warm-up) from zero.
-        checkpoint["optimisation"] = "automatic"
+        checkpoint["optimisation"] = OPTIMISATION
         if self.fitted_prior is not None:
             checkpoint["fitted_prior"] = self.fitted_prior
 

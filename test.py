@@ -26,7 +26,7 @@ import torch
 from torch.distributions import Normal
 
 from checkpoint import CheckpointError, load_cvae
-from classifier import DigitCNN, features_and_predictions, fid, load_judge
+from classifier import JUDGE_FILE, DigitCNN, features_and_predictions, fid, load_judge
 from dataset import IMAGE_SIZE, DataError, has_raw_files, load_split, to_float_images
 from cli import ArgParser, UsageError, bounded, check_output_file, fail
 from model import elbo_loss, kl_per_dim, squared_error
@@ -280,9 +280,9 @@ def read_training_log(run_dir: str | Path) -> dict[str, dict[int, float]]:
     versions before it hold; a later one is that run resumed and continues it (its values win for an epoch logged
     twice), so a resumed run gives one continuous curve. (A run killed right after an epoch's checkpoint, before
     Lightning logged that epoch's training means, misses that one training point.)"""
-    logs = [p for p in Path(run_dir).glob("logs/version_*/metrics.csv") if p.parent.name[8:].isdigit()]
+    versions = {p: p.parent.name.removeprefix("version_") for p in Path(run_dir).glob("logs/version_*/metrics.csv")}
     curves: dict[str, dict[int, float]] = {}
-    for path in sorted(logs, key=lambda p: int(p.parent.name[8:])):
+    for path in sorted((p for p, n in versions.items() if n.isdigit()), key=lambda p: int(versions[p])):
         with open(path, newline="") as f:
             rows = [row for row in csv.DictReader(f) if any(row.get(name) for name in CURVES)]
         if rows and min(int(row["epoch"]) for row in rows) == 0:
@@ -543,7 +543,7 @@ def main(argv: list[str] | None = None) -> int:
           f"prior for samples: {model.resolve_prior('auto')})", flush=True)
     try:
         metrics = {"checkpoint": str(args.ckpt),
-                   "judge": {"weights": str(args.judge or "weights/digit_cnn.pt"), "sha256": judge_sha256},
+                   "judge": {"weights": str(args.judge or JUDGE_FILE), "sha256": judge_sha256},
                    **evaluate(model, args.data_dir, args.samples_per_digit, args.seed, args.iw_samples, judge)}
         images, labels = load_test_set(args.data_dir)
     except DataError as err:
