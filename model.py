@@ -267,12 +267,21 @@ class CVAE(pl.LightningModule):
     def test_step(self, batch, batch_idx):
         self._shared_step(batch, "test")
 
-    def on_train_epoch_end(self) -> None:
+    def _log_train_means(self) -> None:
         self._log_epoch_means("train")
         self.log("kl_weight", self.kl_weight_at(self.global_step - 1))  # beta at the epoch's last step
 
     def on_validation_epoch_end(self) -> None:
+        # Validation runs after the epoch's last training batch, so the training means are final here. Logged with
+        # the validation means, they make one log row per epoch, on disk before ModelCheckpoint writes the epoch's
+        # checkpoint (at train epoch end): a crash can lose an unsaved epoch, never the log of a saved one.
+        if not self.trainer.sanity_checking:
+            self._log_train_means()
         self._log_epoch_means("val")
+
+    def on_train_epoch_end(self) -> None:
+        if not self.trainer.enable_validation:  # --limit-val-batches 0: no validation pass to log with
+            self._log_train_means()
 
     def on_test_epoch_end(self) -> None:
         self._log_epoch_means("test")

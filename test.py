@@ -278,8 +278,8 @@ def read_training_log(run_dir: str | Path) -> dict[str, dict[int, float]]:
 
     Every train.py process logs to a new version. A version whose first epoch is 0 starts a run, and replaces what the
     versions before it hold; a later one is that run resumed and continues it (its values win for an epoch logged
-    twice), so a resumed run gives one continuous curve. (A run killed right after an epoch's checkpoint, before
-    Lightning logged that epoch's training means, misses that one training point.)"""
+    twice: one logged after the last checkpoint of a killed process and trained again), so a resumed run gives one
+    continuous curve."""
     versions = {p: p.parent.name.removeprefix("version_") for p in Path(run_dir).glob("logs/version_*/metrics.csv")}
     curves: dict[str, dict[int, float]] = {}
     for path in sorted((p for p, n in versions.items() if n.isdigit()), key=lambda p: int(versions[p])):

@@ -185,6 +185,7 @@ class SampleGrid(Callback):
         images = pl_module.sample(labels, z=z)  # (digits * per_digit, 1, 28, 28), eval mode; no global RNG used
         grid = make_grid(images.cpu(), nrow=self.per_digit, padding=2, pad_value=1.0)
         tensorboard.experiment.add_image("samples_by_digit", grid, global_step=trainer.global_step)
+        tensorboard.save()  # flushed now: ModelCheckpoint, the last callback to run, then saves the epoch
 
 
 class FitPrior(Callback):
@@ -304,6 +305,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def finish(trainer: pl.Trainer, model: CVAE, data: MNISTDataModule, args) -> None:
     """After training (and the prior fit, see FitPrior): report the test metrics and write the final checkpoint."""
+    # The test terms go to TensorBoard only: new columns make Lightning's CSVLogger rewrite metrics.csv in place,
+    # and a crash in the middle of that rewrite would lose the whole training log.
+    trainer.loggers = [lg for lg in trainer.loggers if not isinstance(lg, CSVLogger)]
     trainer.test(model, datamodule=data, verbose=False)
     if trainer.is_global_zero:
         m = trainer.callback_metrics
