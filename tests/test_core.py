@@ -1,6 +1,7 @@
 """Core pipeline: the model's architecture and methods, the objective, the data, and short real training runs."""
 from __future__ import annotations
 
+import csv
 import gzip
 import io
 import os
@@ -206,6 +207,41 @@ def test_raw_files_equal_the_bundled_copy(data_dir):
     np.testing.assert_array_equal(test_labels.numpy(), y_te)
 
 
+def test_two_preparations_at_once_both_end_with_whole_files(tmp_path, monkeypatch):
+    """Two preparations of one empty folder at the same moment (two pytest runs, two train.py): each renames its own
+    whole file into place, in lockstep here, and both end with MNIST that verifies, with no temporaries left."""
+    import threading
+
+    import dataset
+
+    barrier, errors = threading.Barrier(2, timeout=600), []
+    real_replace = os.replace
+
+    def replace_in_lockstep(src, dst):
+        barrier.wait()  # both preparations have written this file and are about to rename it
+        real_replace(src, dst)
+
+    def prepare() -> None:
+        try:
+            dataset.prepare_mnist(tmp_path)
+        except BaseException as err:  # noqa: BLE001  reported below; the other thread must not wait for this one
+            errors.append(err)
+            barrier.abort()
+
+    monkeypatch.setattr(os, "replace", replace_in_lockstep)
+    threads = [threading.Thread(target=prepare) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    monkeypatch.undo()
+    assert not errors, errors
+    for train in (True, False):
+        load_split(tmp_path, train)  # verifies sizes and label counts
+    assert sorted(p.name for p in dataset.raw_dir(tmp_path).iterdir()) == sorted(
+        name for pair in dataset.RAW_FILES.values() for name in pair)
+
+
 def test_datamodule_split_is_seeded_and_batches_are_in_memory(data_dir):
     dm = MNISTDataModule(data_dir, batch_size=100, val_size=5_000, seed=3)
     dm.setup()
@@ -271,6 +307,22 @@ def test_tensorboard_gets_the_epoch_means_and_a_grid_of_samples_from_fixed_codes
     expected = make_grid(model.sample(torch.arange(10).repeat_interleave(10), z=z), nrow=10, padding=2, pad_value=1)
     assert logged.shape == (302, 302)
     assert np.abs(logged - expected[0].numpy() * 255).max() <= 1.0
+
+
+def test_each_epoch_is_one_csv_row_and_the_test_pass_does_not_rewrite_it(tiny_ckpt):
+    """An epoch's training and validation means share one metrics.csv row, written before the epoch's checkpoint;
+    the test terms go to TensorBoard only, because a new CSV column makes Lightning rewrite the file in place."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    version = tiny_ckpt.parent / "run" / "logs" / "version_0"
+    with open(version / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 1 and all(rows[0][f"{stage}_{term}"] for stage in ("train", "val")
+                                  for term in ("loss", "recon", "kl"))
+    assert not any(name.startswith("test_") for name in rows[0])
+    events = EventAccumulator(str(version))
+    events.Reload()
+    assert {"test_loss", "test_recon", "test_kl"} <= set(events.Tags()["scalars"])
 
 
 def test_compile_flag_compiles_and_writes_a_plain_checkpoint(data_dir, tmp_path):

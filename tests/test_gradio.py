@@ -1,7 +1,7 @@
 """The latent explorer (gradio_test.py): every named endpoint through gradio_client against the model's own decode,
 bad input, many clients at once, the command line, and the page in a real browser (Debian's chromium via Playwright).
 
-The browser screenshot is written to results/ui_screenshot.png (or $UI_SCREENSHOT); $UI_CKPT serves a real checkpoint
+The browser screenshot is written to a temporary folder (or $UI_SCREENSHOT); $UI_CKPT serves a real checkpoint
 instead of the test's untrained one (that is how assets/ui.png was made).
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ from checkpoint import load_cvae
 from model import CVAE
 
 REPO = Path(__file__).resolve().parents[1]
-SCREENSHOT = Path(os.environ.get("UI_SCREENSHOT") or REPO / "results" / "ui_screenshot.png")
+SCREENSHOT = os.environ.get("UI_SCREENSHOT")  # where the browser test saves its screenshot; a temporary folder if unset
 CHROMIUM = Path("/usr/bin/chromium")
 # Headless as root; the last four stop Chromium from calling home on a machine without a network.
 CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking",
@@ -33,6 +33,16 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def launch_on_a_free_port(app, tries: int = 5) -> str:
+    """ui.launch on a port the OS called free; another process (a second pytest run) may take it first, so retry."""
+    for attempt in range(tries):
+        try:
+            return ui.launch(app, "127.0.0.1", free_port(), block=False)
+        except OSError:
+            if attempt == tries - 1:
+                raise
 
 
 def save_untrained(path: Path, latent_dim: int = 2, fitted_prior: bool = True) -> Path:
@@ -90,7 +100,7 @@ def served(tmp_path_factory):
         mp.setenv("GRADIO_ANALYTICS_ENABLED", "False")
         model = load_cvae(ckpt)
         app = ui.build_app(model)
-        url = ui.launch(app, "127.0.0.1", free_port(), block=False)
+        url = launch_on_a_free_port(app)
         client = Client(url, verbose=False, download_files=str(tmp / "downloads"))
         try:
             yield url, model, client
@@ -332,7 +342,7 @@ def browser_or_skip() -> str:
     return str(CHROMIUM)
 
 
-def test_page_in_a_real_browser(served):
+def test_page_in_a_real_browser(served, tmp_path):
     """Open the page in headless Chromium: dragging z0 changes the picture while the button is still held (live, no
     Generate button); the digit selector, the random button, an empty drawing (a message) and a drawn 7 all work.
     Then save a screenshot."""
@@ -340,6 +350,7 @@ def test_page_in_a_real_browser(served):
     from playwright.sync_api import expect, sync_playwright
 
     url, model, _ = served
+    screenshot = Path(SCREENSHOT or tmp_path / "ui_screenshot.png")
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=executable, headless=True, args=CHROMIUM_ARGS)
         try:
@@ -394,10 +405,10 @@ def test_page_in_a_real_browser(served):
             expect(page.locator("#digit input[type=radio]:checked")).to_have_value("7")  # "It is a 7" is shown
 
             page.locator("body").evaluate("() => window.scrollTo(0, 0)")
-            page.wait_for_timeout(1000)  # let the last pictures arrive before the screenshot
-            SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
-            page.screenshot(path=str(SCREENSHOT), full_page=True)
+            page.wait_for_function("() => [...document.images].every(image => image.complete)")  # all pictures in
+            screenshot.parent.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(screenshot), full_page=True)
         finally:
             browser.close()
-    assert SCREENSHOT.stat().st_size > 10_000
-    print(f"screenshot: {SCREENSHOT}")
+    assert screenshot.stat().st_size > 10_000
+    print(f"screenshot: {screenshot}")
