@@ -17,9 +17,9 @@ from torch import nn
 import pytorch_lightning as pl
 from torchmetrics import MeanMetric
 
-from prior import check_prior, sample_prior
+from dataset import to_float_images
+from prior import draw_z, load_prior, resolve_prior
 
-PRIORS = ("standard", "fitted")
 STAGES = ("train", "val", "test")
 TERMS = ("loss", "recon", "kl")  # what elbo_loss returns, in that order
 # Marks checkpoints of this training loop. train.py resumes only marked ones: the train.py before it optimised
@@ -131,7 +131,7 @@ class CVAE(pl.LightningModule):
         self.image_dim = image_size * image_size
         self.encoder = Encoder(self.image_dim, num_classes, encoder_dims, latent_dim, dropout)
         self.decoder = Decoder(latent_dim, num_classes, decoder_dims, self.image_dim, dropout)
-        # A density over z fitted after training (see prior.py); plain tensors, saved in the checkpoint.
+        # The sampling prior fitted after training (prior.FitPrior); plain tensors, saved in the checkpoint.
         self.fitted_prior: dict[str, Any] | None = None
         # Running means of the loss terms, one per stage and term ("train_loss" ... "test_kl"), updated every step
         # and logged once per epoch: a self.log call per term and step would cost Lightning about 0.3 ms each, a
@@ -193,23 +193,14 @@ class CVAE(pl.LightningModule):
                  ) -> torch.Tensor:
         """Draw z for each label from the prior: "standard" N(0, I), "fitted" (the density fitted after training),
         or "auto" (fitted when the model has one). Returns (N, latent_dim)."""
-        prior = self.resolve_prior(prior)
         labels = torch.as_tensor(labels).reshape(-1).long()
         self._onehot(labels)  # validates the labels
-        n, d = len(labels), self.hparams.latent_dim
-        if prior == "standard":
-            return torch.randn(n, d, generator=generator).to(self.device, self.dtype)
-        return sample_prior(self.fitted_prior, labels.cpu(), generator).to(self.device, self.dtype)
+        z = draw_z(prior, self.fitted_prior, labels, self.hparams.latent_dim, generator)
+        return z.to(self.device, self.dtype)
 
     def resolve_prior(self, prior: str) -> str:
-        """Map "auto" to the prior `sample` uses by default; reject unknown names and a missing fitted prior."""
-        if prior == "auto":
-            return "fitted" if self.fitted_prior is not None else "standard"
-        if prior not in PRIORS:
-            raise ValueError(f"prior must be one of {('auto',) + PRIORS}, got {prior!r}")
-        if prior == "fitted" and self.fitted_prior is None:
-            raise ValueError("this model has no fitted prior (train.py fits one unless --prior none)")
-        return prior
+        """The prior `sample` uses for `prior` ("auto": the fitted one when the model has it); see prior.py."""
+        return resolve_prior(prior, self.fitted_prior)
 
     @torch.no_grad()
     def sample(self, labels: torch.Tensor | Sequence[int], z: torch.Tensor | None = None, prior: str = "auto",
@@ -228,6 +219,24 @@ class CVAE(pl.LightningModule):
                 z = self.sample_z(labels, prior=prior, generator=generator)
             side = self.hparams.image_size
             return self.decode(z, labels).reshape(-1, 1, side, side)
+        finally:
+            self.train(was_training)
+
+    @torch.no_grad()
+    def posterior_means(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 2_000) -> torch.Tensor:
+        """Mean of q(z | x, y) for every image, in eval mode: (N, latent_dim) on the CPU.
+
+        images: floats in [0, 1], or raw uint8 pixels (0..255), scaled batch by batch as training scaled them (so the
+        55k training images never exist as one float tensor)."""
+        was_training = self.training
+        self.eval()
+        try:
+            means = []
+            for i in range(0, len(images), batch_size):
+                x = images[i:i + batch_size]
+                x = to_float_images(x) if x.dtype == torch.uint8 else x
+                means.append(self.encode(x.to(self.device), labels[i:i + batch_size].to(self.device))[0].float().cpu())
+            return torch.cat(means)
         finally:
             self.train(was_training)
 
@@ -290,10 +299,5 @@ class CVAE(pl.LightningModule):
             checkpoint["fitted_prior"] = self.fitted_prior
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        prior = checkpoint.get("fitted_prior")
-        if prior is not None:
-            check_prior(prior, self.hparams.num_classes, self.hparams.latent_dim)
-            # The prior is sampled on the CPU (its generator lives there), whatever map_location said.
-            prior = {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in prior.items()}
-        self.fitted_prior = prior
-
+        self.fitted_prior = load_prior(checkpoint.get("fitted_prior"), self.hparams.num_classes,
+                                       self.hparams.latent_dim)

@@ -30,7 +30,6 @@ from classifier import JUDGE_FILE, DigitCNN, features_and_predictions, fid, load
 from dataset import IMAGE_SIZE, DataError, has_raw_files, load_split, to_float_images
 from cli import ArgParser, UsageError, bounded, check_output_file, fail
 from model import elbo_loss, kl_per_dim, squared_error
-from prior import posterior_means
 
 DPI = 100
 # Figure sizes in inches; the PNGs are exactly these times DPI pixels (no tight bounding box), so tests can check them.
@@ -100,7 +99,7 @@ def elbo_terms(model, images: torch.Tensor, labels: torch.Tensor, seed: int = 0,
 @torch.no_grad()
 def reconstruct(model, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 2_000) -> torch.Tensor:
     """Decode each image's posterior mean under its own label, eval mode: (N, 1, 28, 28) on the CPU."""
-    z = posterior_means(model, images, labels)
+    z = model.posterior_means(images, labels)
     model.eval()
     side = model.hparams.image_size
     return torch.cat([model.decode(z[i:i + batch_size], labels[i:i + batch_size]).cpu()
@@ -113,7 +112,7 @@ def analogies(model, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
     (N, num_classes, 28, 28), row i = one handwriting style written as each digit."""
     model.eval()
     k, side = model.hparams.num_classes, model.hparams.image_size
-    z = posterior_means(model, images, labels).to(model.device)  # (N, latent_dim)
+    z = model.posterior_means(images, labels).to(model.device)  # (N, latent_dim)
     out = model.decode(z.repeat_interleave(k, dim=0), torch.arange(k).repeat(len(z)))  # (N * k, 784)
     return out.cpu().reshape(len(z), k, side, side)
 
@@ -382,7 +381,7 @@ def plot_latent_scatter(model, images: torch.Tensor, labels: torch.Tensor, out_d
     from matplotlib import colormaps
     from matplotlib.patches import Circle
 
-    z = posterior_means(model, images, labels).numpy()
+    z = model.posterior_means(images, labels).numpy()
     d, k = z.shape[1], model.hparams.num_classes
     fig = new_figure("latent_scatter.png")
     ax = fig.add_axes((0.11, 0.17, 0.85, 0.74))

@@ -25,7 +25,7 @@ from checkpoint import AtomicCheckpointIO, CheckpointError, safe_torch_load
 from cli import ArgParser, UsageError, bounded, check_data_dir, check_output_file, fail
 from dataset import DataError, MNISTDataModule
 from model import CVAE, OPTIMISATION
-from prior import PRIOR_KINDS, fit_gmm_prior, posterior_means
+from prior import MIXTURE_KINDS, FitPrior
 
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")
 
@@ -42,7 +42,7 @@ def build_parser() -> ArgParser:
                    help="ramp beta linearly from 0 over this many epochs, per step (0 = off)")
     g.add_argument("--free-bits", type=bounded(float, 0), default=0.0,
                    help="minimum KL per latent dimension in nats, in the training objective (0 = off)")
-    g.add_argument("--prior", choices=(*PRIOR_KINDS, "none"), default="per-class",
+    g.add_argument("--prior", choices=(*MIXTURE_KINDS, "none"), default="per-class",
                    help="after training, fit a Gaussian mixture to the training codes for sampling "
                         "(per digit, or one for all digits)")
     g.add_argument("--prior-components", type=bounded(int, 1), default=1, help="mixture components of that prior")
@@ -187,20 +187,6 @@ class SampleGrid(Callback):
         tensorboard.experiment.add_image("samples_by_digit", grid, global_step=trainer.global_step)
 
 
-class FitPrior(Callback):
-    """When fit ends (also when a resumed run had no epochs left), fit the sampling prior (prior.py) to the posterior
-    means of the training images; the final checkpoint stores it."""
-
-    def __init__(self, kind: str, components: int, seed: int) -> None:
-        self.kind, self.components, self.seed = kind, components, seed
-
-    def on_fit_end(self, trainer, pl_module) -> None:
-        train_set = trainer.datamodule.splits["train"]
-        z = posterior_means(pl_module, train_set.pixels, train_set.labels)
-        pl_module.fitted_prior = fit_gmm_prior(z, train_set.labels.cpu(), pl_module.hparams.num_classes, self.kind,
-                                               self.components, seed=self.seed)
-
-
 def build_loggers(run_dir: Path) -> list:
     """A CSV log and TensorBoard event files side by side in RUN_DIR/logs/version_N, a new N for each process (a
     resumed run continues in the next version; test.py joins them into one curve)."""
@@ -303,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def finish(trainer: pl.Trainer, model: CVAE, data: MNISTDataModule, args) -> None:
-    """After training (and the prior fit, see FitPrior): report the test metrics and write the final checkpoint."""
+    """After training (and the prior fit, see prior.FitPrior): report the test metrics and write the final checkpoint."""
     trainer.test(model, datamodule=data, verbose=False)
     if trainer.is_global_zero:
         m = trainer.callback_metrics

