@@ -133,6 +133,7 @@ class CVAE(pl.LightningModule):
         self.decoder = Decoder(latent_dim, num_classes, decoder_dims, self.image_dim, dropout)
         # The sampling prior fitted after training (prior.FitPrior); plain tensors, saved in the checkpoint.
         self.fitted_prior: dict[str, Any] | None = None
+        self.warmup_steps = 0.0  # the KL warm-up in training steps, set when training starts (on_train_start)
         # Running means of the loss terms, one per stage and term ("train_loss" ... "test_kl"), updated every step
         # and logged once per epoch: a self.log call per term and step would cost Lightning about 0.3 ms each, a
         # tenth of a training step here (bench/README.md). A NaN loss stays NaN in the mean, so divergence shows.
@@ -140,7 +141,9 @@ class CVAE(pl.LightningModule):
         self.epoch_means = nn.ModuleDict({f"{stage}_{term}": MeanMetric(nan_strategy="disable")
                                           for stage in STAGES for term in TERMS})
 
-    # ----- input handling -------------------------------------------------------------------------------------
+    # ----- input checks for the public entry points (encode, decode, sample) ----------------------------------
+    # forward, the training pass, skips them: reading a label's range back from the device would stall a GPU's
+    # queue of kernel launches at every step.
     def _onehot(self, labels: torch.Tensor | Sequence[int] | int) -> torch.Tensor:
         """Integer labels -> (N, num_classes) one-hot floats; anything else is a ValueError, not a silent bug."""
         y = torch.as_tensor(labels, device=self.device)
@@ -184,9 +187,12 @@ class CVAE(pl.LightningModule):
         return self.decoder(z, y)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Returns (recon (N, 784), mean, logvar)."""
-        mean, logvar = self.encode(x, y)
-        return self.decode(self.reparameterize(mean, logvar), y), mean, logvar
+        """The training pass: float images x (N, 1, 28, 28) or (N, 784) and int64 labels y (N,), unchecked (encode and
+        decode check their inputs; the data module's batches need no check). Returns (recon (N, 784), mean, logvar)."""
+        y_onehot = F.one_hot(y, self.hparams.num_classes).to(x.dtype)  # (N, num_classes)
+        mean, logvar = self.encoder(x.flatten(1), y_onehot)  # (N, latent_dim) each
+        z = self.reparameterize(mean, logvar)
+        return self.decoder(z, y_onehot), mean, logvar
 
     @torch.no_grad()
     def sample_z(self, labels: torch.Tensor, prior: str = "auto", generator: torch.Generator | None = None
@@ -241,14 +247,17 @@ class CVAE(pl.LightningModule):
             self.train(was_training)
 
     # ----- training -------------------------------------------------------------------------------------------
+    def on_train_start(self) -> None:
+        # The warm-up is given in epochs; its length in steps is known once the training batches are counted. It
+        # depends on nothing else, so a resumed run gets the same schedule from its restored global_step.
+        self.warmup_steps = self.hparams.kl_warmup_epochs * max(1, self.trainer.num_training_batches)
+
     def kl_weight_at(self, step: int) -> float:
         """beta at training step `step` (counted from 0): ramped linearly up to kl_weight over the first
         `kl_warmup_epochs` epochs, step by step, then kl_weight."""
-        warmup = self.hparams.kl_warmup_epochs
-        if warmup <= 0 or self._trainer is None:
+        if self.warmup_steps <= 0:
             return self.hparams.kl_weight
-        warmup_steps = warmup * max(1, self.trainer.num_training_batches)
-        return self.hparams.kl_weight * min(1.0, (step + 1) / warmup_steps)
+        return self.hparams.kl_weight * min(1.0, (step + 1) / self.warmup_steps)
 
     def _shared_step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
         x, y = batch
