@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from checkpoint import CheckpointError, load_cvae
+from checkpoint import CheckpointError, CheckpointNotFound, load_cvae
 from cli import ArgParser, bounded, fail
 
 if __name__ == "__main__" and not os.environ.get("GRADIO_SERVER_PORT", "7860").isdigit():
@@ -450,9 +450,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # no telemetry calls, whatever else gradio builds
     try:
         model = load_cvae(args.ckpt, map_location="cpu")  # a tiny MLP: the CPU answers in a millisecond
+    except CheckpointNotFound as err:
+        fail(str(err))  # says how to train one
     except CheckpointError as err:
-        message = str(err)
-        fail(message if "train.py" in message else f"{message}; train one with `python train.py`")
+        fail(f"{err}; train one with `python train.py`")
     problem = listen_problem(args.host, args.port)
     if problem:
         fail(problem)

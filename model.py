@@ -22,9 +22,6 @@ from prior import draw_z, load_prior, resolve_prior
 
 STAGES = ("train", "val", "test")
 TERMS = ("loss", "recon", "kl")  # what elbo_loss returns, in that order
-# Marks checkpoints of this training loop. train.py resumes only marked ones: the train.py before it optimised
-# manually, and Lightning would restart the step count (and the KL warm-up) of such a checkpoint from zero.
-OPTIMISATION = "automatic"
 
 
 def kl_per_dim(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
@@ -303,7 +300,6 @@ class CVAE(pl.LightningModule):
 
     # ----- checkpoint extras (plain tensors only, so weights_only loading works) ---------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["optimisation"] = OPTIMISATION
         if self.fitted_prior is not None:
             checkpoint["fitted_prior"] = self.fitted_prior
 

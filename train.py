@@ -24,7 +24,7 @@ from torchvision.utils import make_grid
 from checkpoint import AtomicCheckpointIO, CheckpointError, safe_torch_load
 from cli import ArgParser, UsageError, bounded, check_data_dir, check_output_file, fail
 from dataset import DataError, MNISTDataModule
-from model import CVAE, OPTIMISATION
+from model import CVAE
 from prior import MIXTURE_KINDS, FitPrior
 
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")
@@ -111,9 +111,6 @@ def check_resumable(checkpoint: dict, model, path: Path) -> None:
     if not {"epoch", "loops", "optimizer_states"} <= checkpoint.keys():
         raise CheckpointError(f"{path} holds no training state (epoch, loops, optimizer); only a per-epoch "
                               f"checkpoint written by train.py can be resumed")
-    if checkpoint.get("optimisation") != OPTIMISATION:
-        raise CheckpointError(f"{path} was written by an older train.py, whose step count this one would restart "
-                              f"(and the KL warm-up with it); start a new run")
     saved = checkpoint.get("hyper_parameters")
     saved = saved if isinstance(saved, dict) else {}
     differ = [f"{name} {saved.get(name)!r} in the checkpoint, {value!r} now" for name, value in model.hparams.items()

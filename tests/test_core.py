@@ -251,6 +251,16 @@ def test_few_batch_run_writes_a_checkpoint_that_loads_and_samples(tiny_ckpt):
     assert CVAE.load_from_checkpoint(tiny_ckpt, weights_only=True).sample([3]).shape == (1, 1, 28, 28)
 
 
+def test_checkpoint_of_an_earlier_version_still_loads(tiny_ckpt, tmp_path):
+    """Checkpoints of earlier versions carry an "optimisation" mark; the weights and the fitted prior load as before."""
+    checkpoint = safe_torch_load(tiny_ckpt)
+    checkpoint["optimisation"] = "automatic"
+    torch.save(checkpoint, tmp_path / "old.ckpt")
+    old, new = load_cvae(tmp_path / "old.ckpt"), load_cvae(tiny_ckpt)
+    assert all(torch.equal(old.state_dict()[k], v) for k, v in new.state_dict().items())
+    assert all(torch.equal(old.fitted_prior[k], new.fitted_prior[k]) for k in ("weights", "means", "scale_tril"))
+
+
 def test_tensorboard_gets_the_epoch_means_and_a_grid_of_samples_from_fixed_codes(tiny_ckpt):
     """The run's TensorBoard events hold each epoch's means and beta, and a 10 x 10 grid (row = digit) decoded from
     z ~ N(0, I) drawn from the run's seed: at the last epoch, exactly what the final weights decode."""

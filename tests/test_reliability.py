@@ -624,11 +624,3 @@ def test_resume_with_other_model_settings_is_refused(tmp_path, data_dir, uninter
     assert code == 1
     one_line_error(err, "no training state")
     assert not (tmp_path / "b.ckpt").exists()
-    # One from the train.py before automatic optimisation: Lightning would restart its step count at 0.
-    older = safe_torch_load(train.last_checkpoint(reference.with_name("reference-run")))
-    del older["optimisation"]
-    torch.save(older, train.last_checkpoint(run_dir))
-    code, err = run_main(train, resume, capsys)
-    assert code == 1
-    one_line_error(err, "cannot resume", "older train.py")
-    assert not (tmp_path / "b.ckpt").exists()
