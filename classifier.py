@@ -183,10 +183,10 @@ def train_classifier(images: torch.Tensor, labels: torch.Tensor, config: Classif
 def main(argv: list[str] | None = None) -> int:
     """Retrain the judge on the MNIST training set and write its weights (atomically) with their hash."""
     from cli import ArgParser
-    from dataset import load_split, prepare_mnist, to_float_images
+    from dataset import DEFAULT_DATA_DIR, load_split, prepare_mnist, to_float_images
 
     p = ArgParser(description="Retrain the digit classifier that judges samples (test.py's FID and accuracy).")
-    p.add_argument("--data-dir", type=Path, default=Path("data"), help="where MNIST is (or is written)")
+    p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR, help="where MNIST is (or is written)")
     p.add_argument("--out", type=Path, default=JUDGE_PATH, help="where the weights go")
     args = p.parse_args(argv)
     prepare_mnist(args.data_dir)

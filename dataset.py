@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 NUM_CLASSES = 10
 IMAGE_SIZE = 28
 TRAIN_SIZE, TEST_SIZE = 60_000, 10_000
+DEFAULT_DATA_DIR = Path("data")  # the scripts' --data-dir
 # Label histograms of the official MNIST files; a loaded copy must match them exactly.
 TRAIN_LABEL_COUNTS = (5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949)
 TEST_LABEL_COUNTS = (980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009)
@@ -100,7 +101,7 @@ def _to_uint8(x: np.ndarray) -> np.ndarray:
     return x.astype(np.uint8)
 
 
-def prepare_mnist(data_dir: str | Path = "./data") -> str:
+def prepare_mnist(data_dir: str | Path = DEFAULT_DATA_DIR) -> str:
     """Make sure the raw MNIST files exist under data_dir; returns where they came from."""
     if has_raw_files(data_dir):
         return "existing files"
@@ -207,7 +208,7 @@ class MNISTDataModule(pl.LightningDataModule):
     `train_size` keeps only the first N training images after the split (for quick experiments and tests).
     """
 
-    def __init__(self, data_dir: str | Path = "./data", batch_size: int = 100, val_size: int = 5_000,
+    def __init__(self, data_dir: str | Path = DEFAULT_DATA_DIR, batch_size: int = 100, val_size: int = 5_000,
                  seed: int = 0, train_size: int | None = None, device: str | torch.device | None = None):
         super().__init__()
         if batch_size < 1:

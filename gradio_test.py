@@ -28,7 +28,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from checkpoint import CheckpointError, CheckpointNotFound, load_cvae
-from cli import ArgParser, bounded, fail
+from cli import DEFAULT_CKPT, ArgParser, bounded, fail
 
 if __name__ == "__main__" and not os.environ.get("GRADIO_SERVER_PORT", "7860").isdigit():
     # gradio parses this variable when imported and dies with a traceback on a non-number.
@@ -437,7 +437,7 @@ def env_default(name: str, default: str) -> str:
 
 def build_parser() -> ArgParser:
     p = ArgParser(description="Serve the CVAE latent-space explorer (Gradio) on localhost.")
-    p.add_argument("--ckpt", type=Path, default=Path("cvae.ckpt"), help="checkpoint written by train.py")
+    p.add_argument("--ckpt", type=Path, default=DEFAULT_CKPT, help="checkpoint written by train.py")
     p.add_argument("--host", default=env_default("GRADIO_SERVER_NAME", "127.0.0.1"),
                    help="interface to listen on (env GRADIO_SERVER_NAME); 0.0.0.0 opens it to the network")
     p.add_argument("--port", type=bounded(int, 1, 65535), default=env_default("GRADIO_SERVER_PORT", "7860"),

@@ -27,8 +27,8 @@ from torch.distributions import Normal
 
 from checkpoint import CheckpointError, load_cvae
 from classifier import JUDGE_FILE, DigitCNN, features_and_predictions, fid, load_judge
-from dataset import IMAGE_SIZE, DataError, has_raw_files, load_split, to_float_images
-from cli import ArgParser, UsageError, bounded, check_output_file, fail
+from dataset import DEFAULT_DATA_DIR, IMAGE_SIZE, DataError, has_raw_files, load_split, to_float_images
+from cli import DEFAULT_CKPT, DEFAULT_RUN_DIR, ArgParser, UsageError, bounded, check_output_file, fail
 from model import elbo_loss, kl_per_dim, squared_error
 
 DPI = 100
@@ -486,9 +486,9 @@ def plot_training_curves(curves: dict[str, dict[int, float]], warmup_epochs: flo
 # ----- command line -------------------------------------------------------------------------------------------------
 def build_parser() -> ArgParser:
     p = ArgParser(description="Evaluate a trained CVAE on the MNIST test set and write figures and metrics.json.")
-    p.add_argument("--ckpt", type=Path, default=Path("cvae.ckpt"), help="checkpoint written by train.py")
+    p.add_argument("--ckpt", type=Path, default=DEFAULT_CKPT, help="checkpoint written by train.py")
     p.add_argument("--out-dir", type=Path, default=Path("results"), help="where the figures and metrics.json go")
-    p.add_argument("--data-dir", type=Path, default=Path("data"), help="where MNIST is")
+    p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR, help="where MNIST is")
     p.add_argument("--seed", type=bounded(int, 0), default=0, help="seed for samples and the test ELBO's z draws")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1, mps")
     # One thread by default: the batches here are small, and on a shared 2-core machine two torch threads waiting on
@@ -499,7 +499,7 @@ def build_parser() -> ArgParser:
     p.add_argument("--manifold-steps", type=bounded(int, 2, 50), default=15, help="grid size of each manifold panel")
     p.add_argument("--iw-samples", type=bounded(int, 1, 10_000), default=IW_SAMPLES,
                    help="k of the importance-weighted likelihood bound (samples of z per test image)")
-    p.add_argument("--run-dir", type=Path, default=Path("runs/cvae"),
+    p.add_argument("--run-dir", type=Path, default=DEFAULT_RUN_DIR,
                    help="train.py's --run-dir of this checkpoint, for training_curves.png")
     p.add_argument("--judge", type=Path, default=None,
                    help="digit classifier weights for FID and accuracy (default: the shipped weights/digit_cnn.pt, "

@@ -22,8 +22,8 @@ from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from torchvision.utils import make_grid
 
 from checkpoint import AtomicCheckpointIO, CheckpointError, safe_torch_load
-from cli import ArgParser, UsageError, bounded, check_data_dir, check_output_file, fail
-from dataset import DataError, MNISTDataModule
+from cli import DEFAULT_CKPT, DEFAULT_RUN_DIR, ArgParser, UsageError, bounded, check_data_dir, check_output_file, fail
+from dataset import DEFAULT_DATA_DIR, TRAIN_SIZE, DataError, MNISTDataModule
 from model import CVAE
 from prior import MIXTURE_KINDS, FitPrior
 
@@ -52,14 +52,14 @@ def build_parser() -> ArgParser:
     g.add_argument("--lr", type=bounded(float, 0, low_open=True), default=1e-3, help="Adam learning rate")
     g.add_argument("--seed", type=bounded(int, 0), default=0, help="random seed (weights, split, shuffling)")
     g = p.add_argument_group("data")
-    g.add_argument("--data-dir", type=Path, default=Path("data"), help="where MNIST is (or is written)")
-    g.add_argument("--val-size", type=bounded(int, 1, 59_999), default=5_000,
+    g.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR, help="where MNIST is (or is written)")
+    g.add_argument("--val-size", type=bounded(int, 1, TRAIN_SIZE - 1), default=5_000,
                    help="validation images held out of the 60k training set")
     g.add_argument("--train-size", type=bounded(int, 1), default=None,
                    help="use only this many training images (quick experiments)")
     g = p.add_argument_group("output")
-    g.add_argument("--ckpt", type=Path, default=Path("cvae.ckpt"), help="final checkpoint")
-    g.add_argument("--run-dir", type=Path, default=Path("runs/cvae"),
+    g.add_argument("--ckpt", type=Path, default=DEFAULT_CKPT, help="final checkpoint")
+    g.add_argument("--run-dir", type=Path, default=DEFAULT_RUN_DIR,
                    help="per-epoch checkpoint (checkpoints/last.ckpt) and logs (CSV, TensorBoard)")
     g.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoints/last.ckpt")
     g = p.add_argument_group("hardware (passed to the Lightning Trainer)")
@@ -86,9 +86,9 @@ def parse_args(argv: list[str] | None = None):
     try:
         check_data_dir(args.data_dir)
         check_output_file(args.ckpt, "checkpoint")
-        check_output_file(args.run_dir / "checkpoints" / "last.ckpt", "run dir")
-        if args.train_size is not None and args.train_size > 60_000 - args.val_size:
-            raise UsageError(f"--train-size {args.train_size} exceeds the {60_000 - args.val_size} training images "
+        check_output_file(last_checkpoint(args.run_dir), "run dir")
+        if args.train_size is not None and args.train_size > TRAIN_SIZE - args.val_size:
+            raise UsageError(f"--train-size {args.train_size} exceeds the {TRAIN_SIZE - args.val_size} training images "
                              f"left after --val-size {args.val_size}")
         if args.resume and not last_checkpoint(args.run_dir).is_file():
             raise UsageError(f"--resume: no checkpoint at {last_checkpoint(args.run_dir)}; "
@@ -98,11 +98,9 @@ def parse_args(argv: list[str] | None = None):
     return args
 
 
-LAST_NAME = "last"  # RUN_DIR/checkpoints/last.ckpt
-
-
 def last_checkpoint(run_dir: Path) -> Path:
-    return run_dir / "checkpoints" / f"{LAST_NAME}.ckpt"
+    """The per-epoch checkpoint of a run, the one --resume continues from."""
+    return run_dir / "checkpoints" / "last.ckpt"
 
 
 def check_resumable(checkpoint: dict, model, path: Path) -> None:
@@ -195,7 +193,8 @@ def build_loggers(run_dir: Path) -> list:
 def build_trainer(args, callbacks: list[Callback] | None = None) -> pl.Trainer:
     # Every epoch overwrites checkpoints/last.ckpt (the one "top-k" file, no monitor). save_last=True with
     # save_top_k=0 would not do: Lightning 2.6 then writes last.ckpt only when training ends, too late to resume.
-    checkpoint = ModelCheckpoint(dirpath=args.run_dir / "checkpoints", filename=LAST_NAME, save_top_k=1,
+    last = last_checkpoint(args.run_dir)
+    checkpoint = ModelCheckpoint(dirpath=last.parent, filename=last.stem, save_top_k=1,
                                  enable_version_counter=False)
     # The bar is redrawn at every refresh; every 50 steps is still several times a second.
     progress = [] if args.no_progress else [TQDMProgressBar(refresh_rate=50)]
