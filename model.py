@@ -24,6 +24,17 @@ STAGES = ("train", "val", "test")
 TERMS = ("loss", "recon", "kl")  # what elbo_loss returns, in that order
 
 
+def metric_name(stage: str, term: str) -> str:
+    """The name a term's epoch mean is logged under, e.g. "val_recon"."""
+    return f"{stage}_{term}"
+
+
+def metric_names(*stages: str) -> list[str]:
+    """Every term's name for these stages, stage by stage: metric_names("test") == ["test_loss", "test_recon",
+    "test_kl"]."""
+    return [metric_name(stage, term) for stage in stages for term in TERMS]
+
+
 def kl_per_dim(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     """KL(N(mean, exp(logvar)) || N(0, 1)) for every image and latent dimension, in nats: (N, latent).
 
@@ -135,8 +146,7 @@ class CVAE(pl.LightningModule):
         # and logged once per epoch: a self.log call per term and step would cost Lightning about 0.3 ms each, a
         # tenth of a training step here (bench/README.md). A NaN loss stays NaN in the mean, so divergence shows.
         # Metric states are not saved in checkpoints.
-        self.epoch_means = nn.ModuleDict({f"{stage}_{term}": MeanMetric(nan_strategy="disable")
-                                          for stage in STAGES for term in TERMS})
+        self.epoch_means = nn.ModuleDict({name: MeanMetric(nan_strategy="disable") for name in metric_names(*STAGES)})
 
     # ----- input checks for the public entry points (encode, decode, sample) ----------------------------------
     # forward, the training pass, skips them: reading a label's range back from the device would stall a GPU's
@@ -265,7 +275,7 @@ class CVAE(pl.LightningModule):
             kl_weight, free_bits = self.hparams.kl_weight, 0.0
         loss, recon_loss, kl = elbo_loss(recon, x, mean, logvar, kl_weight, free_bits)
         for term, value in zip(TERMS, (loss, recon_loss, kl)):
-            self.epoch_means[f"{stage}_{term}"].update(value.detach(), weight=len(x))  # a mean over images
+            self.epoch_means[metric_name(stage, term)].update(value.detach(), weight=len(x))  # a mean over images
         return loss
 
     def _log_epoch_means(self, stage: str) -> None:

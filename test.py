@@ -29,7 +29,7 @@ from checkpoint import CheckpointError, load_cvae
 from classifier import JUDGE_FILE, DigitCNN, features_and_predictions, fid, load_judge
 from dataset import DEFAULT_DATA_DIR, IMAGE_SIZE, DataError, has_raw_files, load_split, to_float_images
 from cli import DEFAULT_CKPT, DEFAULT_RUN_DIR, ArgParser, UsageError, bounded, check_output_file, fail
-from model import elbo_loss, kl_per_dim, squared_error
+from model import elbo_loss, kl_per_dim, metric_name, metric_names, squared_error
 
 DPI = 100
 # Figure sizes in inches; the PNGs are exactly these times DPI pixels (no tight bounding box), so tests can check them.
@@ -268,7 +268,7 @@ def metrics_table(m: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-CURVES = ("train_recon", "val_recon", "train_kl", "val_kl")
+CURVES = metric_names("train", "val")  # the epoch means train.py logs
 
 
 def read_training_log(run_dir: str | Path) -> dict[str, dict[int, float]]:
@@ -467,7 +467,7 @@ def plot_training_curves(curves: dict[str, dict[int, float]], warmup_epochs: flo
             ax.axvspan(0, warmup_epochs, color="tab:orange", alpha=0.15, lw=0,
                        label=f"KL warm-up: beta 0 -> 1 over {warmup_epochs:g} epochs")
         for stage, style in (("train", "-o"), ("val", "--s")):
-            points = sorted(curves.get(f"{stage}_{term}", {}).items())
+            points = sorted(curves.get(metric_name(stage, term), {}).items())
             if points:
                 epochs, values = zip(*points)
                 ax.plot([e + 1 for e in epochs], values, style, ms=4, label="train" if stage == "train" else

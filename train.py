@@ -24,7 +24,7 @@ from torchvision.utils import make_grid
 from checkpoint import AtomicCheckpointIO, CheckpointError, safe_torch_load
 from cli import DEFAULT_CKPT, DEFAULT_RUN_DIR, ArgParser, UsageError, bounded, check_data_dir, check_output_file, fail
 from dataset import DEFAULT_DATA_DIR, TRAIN_SIZE, DataError, MNISTDataModule
-from model import CVAE
+from model import CVAE, metric_names
 from prior import MIXTURE_KINDS, FitPrior
 
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")
@@ -158,8 +158,7 @@ class EpochSummary(Callback):
             return
         (epoch, seconds), self.ended = self.ended, None
         m = trainer.callback_metrics
-        parts = [f"{name} {float(m[name]):.2f}" for name in ("train_loss", "train_recon", "train_kl",
-                                                             "val_loss", "val_recon", "val_kl") if name in m]
+        parts = [f"{name} {float(m[name]):.2f}" for name in metric_names("train", "val") if name in m]
         print(f"epoch {epoch + 1}/{trainer.max_epochs}: {', '.join(parts)} ({seconds:.2f}s)", flush=True)
 
 
@@ -285,12 +284,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def finish(trainer: pl.Trainer, model: CVAE, data: MNISTDataModule, args) -> None:
-    """After training (and the prior fit, see prior.FitPrior): report the test metrics and write the final checkpoint."""
+    """After training (and the prior fit, prior.FitPrior): report the test metrics and write the final checkpoint."""
     trainer.test(model, datamodule=data, verbose=False)
     if trainer.is_global_zero:
-        m = trainer.callback_metrics
-        print(f"test: loss {float(m['test_loss']):.2f}, recon {float(m['test_recon']):.2f} "
-              f"(MSE per pixel {float(m['test_recon']) / model.image_dim:.4f}), kl {float(m['test_kl']):.2f}")
+        loss, recon, kl = (float(trainer.callback_metrics[name]) for name in metric_names("test"))
+        print(f"test: loss {loss:.2f}, recon {recon:.2f} (MSE per pixel {recon / model.image_dim:.4f}), kl {kl:.2f}")
     # Model weights, hyper-parameters and the fitted prior; no optimizer state (resume uses last.ckpt).
     trainer.save_checkpoint(args.ckpt, weights_only=True)  # atomic (AtomicCheckpointIO); rank 0 writes
     if trainer.is_global_zero:
