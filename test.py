@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch.distributions import Normal
+from torchvision.utils import make_grid
 
 from checkpoint import CheckpointError, load_cvae
 from classifier import JUDGE_FILE, DigitCNN, features_and_predictions, fid, load_judge
@@ -294,15 +295,12 @@ def read_training_log(run_dir: str | Path) -> dict[str, dict[int, float]]:
 
 
 # ----- figures ------------------------------------------------------------------------------------------------------
-def tile(images: torch.Tensor | np.ndarray, pad: int = 2, pad_value: float = 1.0) -> np.ndarray:
-    """(R, C, H, W) images -> one (R*H + (R-1)*pad, C*W + (C-1)*pad) array with `pad_value` lines between tiles."""
-    a = np.asarray(images, dtype=np.float32)
-    r, c, h, w = a.shape
-    out = np.full((r * (h + pad) - pad, c * (w + pad) - pad), pad_value, dtype=np.float32)
-    for i in range(r):
-        for j in range(c):
-            out[i * (h + pad):i * (h + pad) + h, j * (w + pad):j * (w + pad) + w] = a[i, j]
-    return out
+def tile(images: torch.Tensor, pad: int = 2) -> np.ndarray:
+    """(R, C, H, W) images -> one (R*H + (R-1)*pad, C*W + (C-1)*pad) array with white lines between the tiles:
+    torchvision's make_grid, less the white frame it draws around the whole grid."""
+    r, c, h, w = images.shape
+    grid = make_grid(images.reshape(r * c, 1, h, w), nrow=c, padding=pad, pad_value=1.0)[0]  # (3, ...) -> one channel
+    return grid[pad:grid.shape[0] - pad, pad:grid.shape[1] - pad].numpy() if r * c > 1 else grid.numpy()
 
 
 def tile_centres(n: int, size: int, pad: int = 2) -> list[float]:
