@@ -9,7 +9,8 @@ Every hidden block is Linear + LayerNorm + ReLU, followed by Dropout except for 
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from contextlib import contextmanager
+from typing import Any, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -68,6 +69,17 @@ def elbo_loss(recon: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, logvar: 
     kl = kl_dims.sum(dim=1).mean()
     kl_term = kl_dims.mean(dim=0).clamp(min=free_bits).sum() if free_bits > 0 else kl
     return recon_loss + kl_weight * kl_term, recon_loss, kl
+
+
+@contextmanager
+def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
+    """Run the block in eval mode (no dropout) and give the module its previous mode back afterwards."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)
 
 
 def mlp_block(in_dim: int, out_dim: int, dropout: float) -> nn.Sequential:
@@ -224,16 +236,12 @@ class CVAE(pl.LightningModule):
         checkpoint has one, else N(0, I); "standard": N(0, I); "fitted": the density fitted after training).
         Runs in eval mode (no dropout) and restores the previous mode afterwards.
         """
-        was_training = self.training
-        self.eval()
-        try:
+        with eval_mode(self):
             labels = torch.as_tensor(labels).reshape(-1)
             if z is None:
                 z = self.sample_z(labels, prior=prior, generator=generator)
             side = self.hparams.image_size
             return self.decode(z, labels).reshape(-1, 1, side, side)
-        finally:
-            self.train(was_training)
 
     @torch.no_grad()
     def posterior_means(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 2_000) -> torch.Tensor:
@@ -241,17 +249,13 @@ class CVAE(pl.LightningModule):
 
         images: floats in [0, 1], or raw uint8 pixels (0..255), scaled batch by batch as training scaled them (so the
         55k training images never exist as one float tensor)."""
-        was_training = self.training
-        self.eval()
-        try:
-            means = []
+        means = []
+        with eval_mode(self):
             for i in range(0, len(images), batch_size):
                 x = images[i:i + batch_size]
                 x = to_float_images(x) if x.dtype == torch.uint8 else x
                 means.append(self.encode(x.to(self.device), labels[i:i + batch_size].to(self.device))[0].float().cpu())
-            return torch.cat(means)
-        finally:
-            self.train(was_training)
+        return torch.cat(means)
 
     # ----- training -------------------------------------------------------------------------------------------
     def on_train_start(self) -> None:

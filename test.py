@@ -30,7 +30,7 @@ from checkpoint import CheckpointError, load_cvae
 from classifier import JUDGE_FILE, DigitCNN, features_and_predictions, fid, load_judge
 from dataset import DEFAULT_DATA_DIR, IMAGE_SIZE, DataError, has_raw_files, load_split, to_float_images
 from cli import DEFAULT_CKPT, DEFAULT_RUN_DIR, ArgParser, UsageError, bounded, check_output_file, fail
-from model import elbo_loss, kl_per_dim, metric_name, metric_names, squared_error
+from model import elbo_loss, eval_mode, kl_per_dim, metric_name, metric_names, squared_error
 
 DPI = 100
 # Figure sizes in inches; the PNGs are exactly these times DPI pixels (no tight bounding box), so tests can check them.
@@ -67,21 +67,21 @@ def elbo_terms(model, images: torch.Tensor, labels: torch.Tensor, seed: int = 0,
     train.py's test step computes it; eps (N, latent_dim) is drawn at once, in test-set order, from a generator
     seeded with `seed`, so the numbers repeat exactly.
     """
-    model.eval()
     dev, beta = model.device, model.hparams.kl_weight
     eps = torch.randn(len(images), model.hparams.latent_dim, generator=torch.Generator().manual_seed(seed))
     recon_sum = kl_sum = recon_mean_z_sum = 0.0
     kl_dims = torch.zeros(model.hparams.latent_dim, dtype=torch.float64)
-    for i in range(0, len(images), batch_size):
-        x = images[i:i + batch_size].to(dev).flatten(1)
-        y = labels[i:i + batch_size].to(dev)
-        mean, logvar = model.encode(x, y)
-        z = model.reparameterize(mean, logvar, eps[i:i + batch_size].to(dev))
-        _, recon, kl = elbo_loss(model.decode(z, y), x, mean, logvar, beta)  # batch means
-        recon_sum += recon.item() * len(x)
-        kl_sum += kl.item() * len(x)
-        recon_mean_z_sum += squared_error(model.decode(mean, y), x).sum().item()
-        kl_dims += kl_per_dim(mean, logvar).double().sum(dim=0).cpu()
+    with eval_mode(model):
+        for i in range(0, len(images), batch_size):
+            x = images[i:i + batch_size].to(dev).flatten(1)
+            y = labels[i:i + batch_size].to(dev)
+            mean, logvar = model.encode(x, y)
+            z = model.reparameterize(mean, logvar, eps[i:i + batch_size].to(dev))
+            _, recon, kl = elbo_loss(model.decode(z, y), x, mean, logvar, beta)  # batch means
+            recon_sum += recon.item() * len(x)
+            kl_sum += kl.item() * len(x)
+            recon_mean_z_sum += squared_error(model.decode(mean, y), x).sum().item()
+            kl_dims += kl_per_dim(mean, logvar).double().sum(dim=0).cpu()
     n, pixels = len(images), images[0].numel()
     recon, kl = recon_sum / n, kl_sum / n
     return {
@@ -101,20 +101,20 @@ def elbo_terms(model, images: torch.Tensor, labels: torch.Tensor, seed: int = 0,
 def reconstruct(model, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 2_000) -> torch.Tensor:
     """Decode each image's posterior mean under its own label, eval mode: (N, 1, 28, 28) on the CPU."""
     z = model.posterior_means(images, labels)
-    model.eval()
     side = model.hparams.image_size
-    return torch.cat([model.decode(z[i:i + batch_size], labels[i:i + batch_size]).cpu()
-                      for i in range(0, len(z), batch_size)]).reshape(-1, 1, side, side)
+    with eval_mode(model):
+        return torch.cat([model.decode(z[i:i + batch_size], labels[i:i + batch_size]).cpu()
+                          for i in range(0, len(z), batch_size)]).reshape(-1, 1, side, side)
 
 
 @torch.no_grad()
 def analogies(model, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Encode each image under its own label (posterior mean) and decode that one z under every label:
     (N, num_classes, 28, 28), row i = one handwriting style written as each digit."""
-    model.eval()
     k, side = model.hparams.num_classes, model.hparams.image_size
     z = model.posterior_means(images, labels).to(model.device)  # (N, latent_dim)
-    out = model.decode(z.repeat_interleave(k, dim=0), torch.arange(k).repeat(len(z)))  # (N * k, 784)
+    with eval_mode(model):
+        out = model.decode(z.repeat_interleave(k, dim=0), torch.arange(k).repeat(len(z)))  # (N * k, 784)
     return out.cpu().reshape(len(z), k, side, side)
 
 
@@ -125,7 +125,6 @@ def manifold(model, steps: int = 15) -> tuple[torch.Tensor, torch.Tensor]:
 
     Returns (images (num_classes, rows, steps, 28, 28), quantile values (steps,)); rows = 1 when latent_dim is 1.
     """
-    model.eval()
     k, d, side = model.hparams.num_classes, model.hparams.latent_dim, model.hparams.image_size
     q = torch.special.ndtri(torch.linspace(*MANIFOLD_QUANTILES, steps, dtype=torch.float64)).float()
     rows = steps if d >= 2 else 1
@@ -134,7 +133,8 @@ def manifold(model, steps: int = 15) -> tuple[torch.Tensor, torch.Tensor]:
     if d >= 2:
         z[..., 1] = q.flip(0)[:, None]  # top row = largest z2, as on a plot's y axis
     z = z.reshape(-1, d)
-    images = torch.stack([model.decode(z, torch.full((len(z),), digit)).cpu() for digit in range(k)])
+    with eval_mode(model):
+        images = torch.stack([model.decode(z, torch.full((len(z),), digit)).cpu() for digit in range(k)])
     return images.reshape(k, rows, steps, side, side), q
 
 
@@ -161,21 +161,21 @@ def iw_bound(model, images: torch.Tensor, labels: torch.Tensor, k: int, seed: in
     squared error, so add GAUSSIAN_CONSTANT for nats. k = 1 is a one-sample ELBO; the bound tightens as k grows.
     Noise comes from a generator seeded with `seed`, in test-set order, so the numbers repeat. Returns (N,) on the CPU.
     """
-    model.eval()
     dev, d = model.device, model.hparams.latent_dim
     gen = torch.Generator().manual_seed(seed)
     out = []
-    for i in range(0, len(images), batch_size):
-        x = images[i:i + batch_size].to(dev).flatten(1)  # (B, 784)
-        y = labels[i:i + batch_size].to(dev)
-        mean, logvar = model.encode(x, y)  # (B, d)
-        eps = torch.randn(k, len(x), d, generator=gen).to(dev)
-        z = model.reparameterize(mean, logvar, eps)  # (k, B, d)
-        log_px = -squared_error(model.decode(z.reshape(-1, d), y.repeat(k)), x.repeat(k, 1)).reshape(k, len(x))
-        log_pz = Normal(0.0, 1.0).log_prob(z).sum(-1)
-        log_qz = Normal(mean, torch.exp(0.5 * logvar)).log_prob(z).sum(-1)
-        log_w = log_px + log_pz - log_qz  # (k, B) log importance weights
-        out.append(-(torch.logsumexp(log_w, dim=0) - math.log(k)).cpu())
+    with eval_mode(model):
+        for i in range(0, len(images), batch_size):
+            x = images[i:i + batch_size].to(dev).flatten(1)  # (B, 784)
+            y = labels[i:i + batch_size].to(dev)
+            mean, logvar = model.encode(x, y)  # (B, d)
+            eps = torch.randn(k, len(x), d, generator=gen).to(dev)
+            z = model.reparameterize(mean, logvar, eps)  # (k, B, d)
+            log_px = -squared_error(model.decode(z.reshape(-1, d), y.repeat(k)), x.repeat(k, 1)).reshape(k, len(x))
+            log_pz = Normal(0.0, 1.0).log_prob(z).sum(-1)
+            log_qz = Normal(mean, torch.exp(0.5 * logvar)).log_prob(z).sum(-1)
+            log_w = log_px + log_pz - log_qz  # (k, B) log importance weights
+            out.append(-(torch.logsumexp(log_w, dim=0) - math.log(k)).cpu())
     return torch.cat(out)
 
 
@@ -195,7 +195,6 @@ def evaluate(model, data_dir: str | Path, samples_per_digit: int = 1_000, seed: 
 
     FID and accuracy come from `judge` (default: the shipped weights, classifier.load_judge()).
     """
-    model.eval()
     if judge is None:
         judge, _ = load_judge(device=model.device)
     images, labels = load_test_set(data_dir)
