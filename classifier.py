@@ -152,7 +152,7 @@ def train_classifier(images: torch.Tensor, labels: torch.Tensor, config: Classif
     ran 10x slower than one (measured on the project's shared 2-core machine), and the result no longer depends on
     the thread count.
     """
-    from dataset import to_float_images  # here: importing classifier for the judge needs no data code
+    from dataset import ceil_div, to_float_images  # here: importing classifier for the judge needs no data code
 
     devices = [torch.device(device)] if torch.device(device).type == "cuda" else []
     threads = torch.get_num_threads()
@@ -162,7 +162,7 @@ def train_classifier(images: torch.Tensor, labels: torch.Tensor, config: Classif
             torch.manual_seed(config.seed)
             model = DigitCNN(config.channels, config.hidden, config.dropout).to(device)
             opt = torch.optim.Adam(model.parameters(), lr=config.lr)
-            steps = config.epochs * -(-len(images) // config.batch_size)
+            steps = config.epochs * ceil_div(len(images), config.batch_size)
             schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1 - step / steps)
             x_all = to_float_images(images).to(device)  # (N, 1, 28, 28)
             y_all = labels.long().to(device)

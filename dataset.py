@@ -36,6 +36,11 @@ RAW_FILES = {
 }
 
 
+def ceil_div(a: int, b: int) -> int:
+    """a / b rounded up, in integers."""
+    return -(-a // b)
+
+
 class DataError(RuntimeError):
     """The MNIST files are missing, damaged or not MNIST."""
 
@@ -186,8 +191,7 @@ class BatchIndexSampler(Sampler):
         self.epoch = epoch
 
     def __len__(self) -> int:
-        batches = -(-self.n // self.batch_size)
-        return -(-batches // self.world_size)
+        return ceil_div(ceil_div(self.n, self.batch_size), self.world_size)
 
     def __iter__(self):
         if self.shuffle:

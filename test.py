@@ -30,7 +30,8 @@ from checkpoint import CheckpointError, load_cvae
 from classifier import JUDGE_FILE, DigitCNN, features_and_predictions, fid, load_judge
 from dataset import DEFAULT_DATA_DIR, IMAGE_SIZE, DataError, has_raw_files, load_split, to_float_images
 from cli import DEFAULT_CKPT, DEFAULT_RUN_DIR, ArgParser, UsageError, bounded, check_output_file, fail
-from model import elbo_loss, eval_mode, kl_per_dim, metric_name, metric_names, squared_error
+from model import (elbo_loss, eval_mode, gaussian_nll_constant, kl_per_dim, metric_name, metric_names,
+                   squared_error)
 
 DPI = 100
 # Figure sizes in inches; the PNGs are exactly these times DPI pixels (no tight bounding box), so tests can check them.
@@ -42,9 +43,7 @@ FIGSIZES = {
     "analogies.png": (8.0, 6.7),
     "training_curves.png": (10.0, 4.2),
 }
-# -log N(x; x_hat, 1/2) summed over an image's pixels is the squared error plus (pixels / 2) ln(pi): the training
-# loss's "recon" is a negative log-likelihood in nats up to this constant (model.squared_error).
-GAUSSIAN_CONSTANT = IMAGE_SIZE ** 2 / 2 * math.log(math.pi)  # 392 ln(pi) = 448.73 nats per MNIST image
+GAUSSIAN_CONSTANT = gaussian_nll_constant(IMAGE_SIZE ** 2)  # loss units + this = nats (392 ln(pi) per image)
 IW_SAMPLES = 100  # default k: the whole test set in about 20 s on one CPU core
 MANIFOLD_QUANTILES = (0.05, 0.95)
 SCATTER_CAPTION = ("In a CVAE the decoder is given the label, so z need not encode which digit it is: the classes "
