@@ -20,6 +20,7 @@ import errno
 import os
 import socket
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -324,76 +325,109 @@ def page_notes(explorer: Explorer) -> tuple[str, str]:
     return prior, dims
 
 
+@dataclass
+class Page:
+    """The components that events read and write; the rest of the page is static."""
+
+    digit: gr.Radio
+    z0: gr.Slider
+    z1: gr.Slider
+    random_button: gr.Button
+    image: gr.Image
+    manifold: gr.Image
+    row: gr.Image
+    sketch: gr.Sketchpad
+    encode_sketch: gr.Button
+    upload: gr.Image
+    encode_upload: gr.Button
+    label: gr.Radio
+
+
+START = (7, 0.0, 0.0)  # the digit, z0 and z1 the page opens with
+
+
 def build_app(model) -> gr.Blocks:
     """The explorer page for a loaded CVAE, not yet served (see launch)."""
     explorer = Explorer(model)
+    with gr.Blocks(title="CVAE latent explorer", analytics_enabled=False, delete_cache=(600, 600)) as app:
+        page = lay_out(explorer)
+        wire_events(explorer, page)
+    return app
+
+
+def lay_out(explorer: Explorer) -> Page:
+    """The page's components, top to bottom; call inside a gr.Blocks."""
     digits = list(range(explorer.num_classes))
     prior_note, dims_note = page_notes(explorer)
-    start = (7, 0.0, 0.0)
     slider = dict(minimum=-Z_RANGE, maximum=Z_RANGE, step=Z_STEP, value=0.0)
+    gr.Markdown("# Conditional VAE: latent-space explorer\n"
+                "The decoder turns a digit label and a latent code **z** into an image. The label fixes "
+                "*which* digit; z carries the *handwriting*: slant, width, stroke. Move the sliders and "
+                "watch the digit change as you drag.", elem_id="title")
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=4, min_width=260):
+            digit = DigitRadio(digits, value=START[0], label="Digit", elem_id="digit")
+            z0 = ZSlider(label="z0", elem_id="z0", **slider)
+            z1 = ZSlider(label="z1", elem_id="z1", visible=explorer.latent_dim > 1, **slider)
+            random_button = gr.Button("Random z", variant="primary", elem_id="random")
+            gr.Markdown(f"{prior_note}\n\nThe sliders span ±{Z_RANGE:g} standard deviations of N(0, I). "
+                        f"{dims_note}")
+        with gr.Column(scale=4, min_width=360):
+            image = gr.Image(explorer.generate(*START), label="Decoded digit", format="png", height=360,
+                             interactive=False, buttons=["download"], elem_id="digit-image",
+                             elem_classes=["pixelated"])
+        with gr.Column(scale=5, min_width=360):
+            manifold = gr.Image(explorer.manifold(*START), label="Manifold of this digit (z0 →, z1 ↑)",
+                                format="png", height=360, interactive=False, buttons=["download"],
+                                elem_id="manifold", elem_classes=["pixelated"])
+    row = gr.Image(explorer.style_row(*START[1:]), label="Same style, all ten digits", format="png",
+                   interactive=False, buttons=["download"], elem_id="style-row", elem_classes=["pixelated"])
+    with gr.Accordion("Your handwriting: draw or upload a digit, see all ten in that style", open=True):
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=3):
+                with gr.Tabs():
+                    with gr.Tab("Draw"):
+                        # A white page as the background: the editor then opens with the brush in hand.
+                        sketch = gr.Sketchpad(np.full((280, 280, 3), 255, np.uint8), label="Draw one digit",
+                                              canvas_size=(280, 280), height=320,
+                                              layers=False, transforms=(), type="numpy",
+                                              brush=gr.Brush(default_size=14, colors=["#000000"],
+                                                             color_mode="fixed"), elem_id="sketch")
+                        encode_sketch = gr.Button("Encode my drawing", variant="primary")
+                    with gr.Tab("Upload"):
+                        upload = ImageUpload(label="A picture of one digit", type="filepath", image_mode=None,
+                                             sources=["upload", "clipboard"], height=320, elem_id="upload")
+                        encode_upload = gr.Button("Encode this picture", variant="primary")
+            with gr.Column(scale=2):
+                label = DigitRadio(digits, value=START[0], label="It is a …", elem_id="label")
+                gr.Markdown("The encoder finds the z of your digit; the sliders jump there and the row above "
+                            "shows the ten digits in your handwriting. Dark-on-light and light-on-dark both "
+                            "work; the digit is centred and scaled the way MNIST was.")
+    return Page(digit, z0, z1, random_button, image, manifold, row, sketch, encode_sketch, upload, encode_upload,
+                label)
+
+
+def wire_events(explorer: Explorer, page: Page) -> None:
+    """Connect the components to the explorer's functions, naming the API endpoints; call inside the gr.Blocks."""
     # One queue slot pool for everything that runs the model.
     model_event = dict(concurrency_limit=CONCURRENCY, concurrency_id="model")
     live = dict(trigger_mode="always_last", show_progress="hidden", **model_event)
-
-    with gr.Blocks(title="CVAE latent explorer", analytics_enabled=False, delete_cache=(600, 600)) as app:
-        gr.Markdown("# Conditional VAE: latent-space explorer\n"
-                    "The decoder turns a digit label and a latent code **z** into an image. The label fixes "
-                    "*which* digit; z carries the *handwriting*: slant, width, stroke. Move the sliders and "
-                    "watch the digit change as you drag.", elem_id="title")
-        with gr.Row(equal_height=False):
-            with gr.Column(scale=4, min_width=260):
-                digit = DigitRadio(digits, value=start[0], label="Digit", elem_id="digit")
-                z0 = ZSlider(label="z0", elem_id="z0", **slider)
-                z1 = ZSlider(label="z1", elem_id="z1", visible=explorer.latent_dim > 1, **slider)
-                random_button = gr.Button("Random z", variant="primary", elem_id="random")
-                gr.Markdown(f"{prior_note}\n\nThe sliders span ±{Z_RANGE:g} standard deviations of N(0, I). "
-                            f"{dims_note}")
-            with gr.Column(scale=4, min_width=360):
-                image = gr.Image(explorer.generate(*start), label="Decoded digit", format="png", height=360,
-                                 interactive=False, buttons=["download"], elem_id="digit-image",
-                                 elem_classes=["pixelated"])
-            with gr.Column(scale=5, min_width=360):
-                manifold = gr.Image(explorer.manifold(*start), label="Manifold of this digit (z0 →, z1 ↑)",
-                                    format="png", height=360, interactive=False, buttons=["download"],
-                                    elem_id="manifold", elem_classes=["pixelated"])
-        row = gr.Image(explorer.style_row(*start[1:]), label="Same style, all ten digits", format="png",
-                       interactive=False, buttons=["download"], elem_id="style-row", elem_classes=["pixelated"])
-        with gr.Accordion("Your handwriting: draw or upload a digit, see all ten in that style", open=True):
-            with gr.Row(equal_height=False):
-                with gr.Column(scale=3):
-                    with gr.Tabs():
-                        with gr.Tab("Draw"):
-                            # A white page as the background: the editor then opens with the brush in hand.
-                            sketch = gr.Sketchpad(np.full((280, 280, 3), 255, np.uint8), label="Draw one digit",
-                                                  canvas_size=(280, 280), height=320,
-                                                  layers=False, transforms=(), type="numpy",
-                                                  brush=gr.Brush(default_size=14, colors=["#000000"],
-                                                                 color_mode="fixed"), elem_id="sketch")
-                            encode_sketch = gr.Button("Encode my drawing", variant="primary")
-                        with gr.Tab("Upload"):
-                            upload = ImageUpload(label="A picture of one digit", type="filepath", image_mode=None,
-                                                 sources=["upload", "clipboard"], height=320, elem_id="upload")
-                            encode_upload = gr.Button("Encode this picture", variant="primary")
-                with gr.Column(scale=2):
-                    label = DigitRadio(digits, value=start[0], label="It is a …", elem_id="label")
-                    gr.Markdown("The encoder finds the z of your digit; the sliders jump there and the row above "
-                                "shows the ten digits in your handwriting. Dark-on-light and light-on-dark both "
-                                "work; the digit is centred and scaled the way MNIST was.")
-
-        # Live view: the three pictures follow every change of digit or z (a slider drag sends a stream of changes;
-        # "always_last" drops the ones that pile up while a request is running).
-        gr.on([digit.change, z0.change, z1.change], explorer.generate, [digit, z0, z1], image,
-              api_name="generate", **live)
-        gr.on([z0.change, z1.change], explorer.style_row, [z0, z1], row, api_name="style_row", **live)
-        gr.on([digit.change, z0.change, z1.change], explorer.manifold, [digit, z0, z1], manifold,
-              api_name="manifold", **live)
-        random_button.click(explorer.random_z, digit, [z0, z1], api_name="random_z", **model_event)
-        # Encoding sets the sliders (which redraw the pictures) and then shows the digit the user said it was.
-        encode_upload.click(explorer.style_transfer, [upload, label], [row, z0, z1], api_name="style_transfer",
-                            **model_event).success(lambda d: d, label, digit, api_visibility="private", queue=False)
-        encode_sketch.click(explorer.style_transfer_sketch, [sketch, label], [row, z0, z1], api_visibility="private",
-                            **model_event).success(lambda d: d, label, digit, api_visibility="private", queue=False)
-    return app
+    digit, z0, z1 = page.digit, page.z0, page.z1
+    # Live view: the three pictures follow every change of digit or z (a slider drag sends a stream of changes;
+    # "always_last" drops the ones that pile up while a request is running).
+    gr.on([digit.change, z0.change, z1.change], explorer.generate, [digit, z0, z1], page.image,
+          api_name="generate", **live)
+    gr.on([z0.change, z1.change], explorer.style_row, [z0, z1], page.row, api_name="style_row", **live)
+    gr.on([digit.change, z0.change, z1.change], explorer.manifold, [digit, z0, z1], page.manifold,
+          api_name="manifold", **live)
+    page.random_button.click(explorer.random_z, digit, [z0, z1], api_name="random_z", **model_event)
+    # Encoding sets the sliders (which redraw the pictures) and then shows the digit the user said it was.
+    page.encode_upload.click(explorer.style_transfer, [page.upload, page.label], [page.row, z0, z1],
+                             api_name="style_transfer", **model_event
+                             ).success(lambda d: d, page.label, digit, api_visibility="private", queue=False)
+    page.encode_sketch.click(explorer.style_transfer_sketch, [page.sketch, page.label], [page.row, z0, z1],
+                             api_visibility="private", **model_event
+                             ).success(lambda d: d, page.label, digit, api_visibility="private", queue=False)
 
 
 def launch(app: gr.Blocks, host: str = "127.0.0.1", port: int = 7860, block: bool = True) -> str:
