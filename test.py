@@ -180,24 +180,36 @@ def iw_bound(model, images: torch.Tensor, labels: torch.Tensor, k: int, seed: in
 
 def evaluate(model, data_dir: str | Path, samples_per_digit: int = 1_000, seed: int = 0,
              iw_samples: int = IW_SAMPLES, judge: DigitCNN | None = None) -> dict[str, Any]:
-    """Every number test.py reports, for one model, as a JSON-ready dict:
-
-    test: the ELBO terms per image on the 10k test images (see elbo_terms) and MSE per pixel;
-    likelihood: the negative ELBO and the importance-weighted bound with `iw_samples` samples (iw_bound), per image,
-        in loss units and in nats;
-    generation[prior]: for each prior the model has ("standard", and "fitted" when present), the share of
-        samples_per_digit samples per digit the judge reads as the requested digit (overall and per digit), and
-        their FID against the test set;
-    reconstruction_fid: FID of the test images' reconstructions (posterior mean, eval mode) against the test set, a
-        floor for the sample FID;
-    prior_used: the prior samples.png and the headline numbers use ("auto": fitted when present).
-
-    FID and accuracy come from `judge` (default: the shipped weights, classifier.load_judge()).
+    """Every number test.py reports, for one model, as a JSON-ready dict: "test" (elbo_terms on the 10k test
+    images), "likelihood" (likelihood_metrics), "generation" (generation_metrics, per prior), "reconstruction_fid"
+    (the test images' reconstructions against the test set, a floor for the sample FID) and "prior_used" (the prior
+    samples.png and the headline numbers use). FID and accuracy come from `judge` (default: the shipped weights).
     """
     if judge is None:
         judge, _ = load_judge(device=model.device)
     images, labels = load_test_set(data_dir)
     test_feats, test_preds = features_and_predictions(judge, images)
+    generation = generation_metrics(model, judge, test_feats, samples_per_digit, seed)
+    recon_feats, _ = features_and_predictions(judge, reconstruct(model, images, labels))
+    terms = elbo_terms(model, images, labels, seed)
+    return {
+        "seed": seed,
+        "model": {"latent_dim": model.hparams.latent_dim, "kl_weight": model.hparams.kl_weight,
+                  "fitted_prior": None if model.fitted_prior is None else model.fitted_prior.get("kind", "mixture")},
+        "prior_used": model.resolve_prior("auto"),
+        "classifier": {"test_accuracy": (test_preds == labels).double().mean().item(),
+                       "features": f"DigitCNN penultimate layer ({test_feats.shape[1]}-d), FID in float64"},
+        "test": terms,
+        "likelihood": likelihood_metrics(model, images, labels, terms, iw_samples, seed),
+        "generation": generation,
+        "reconstruction_fid": fid(recon_feats, test_feats),
+    }
+
+
+def generation_metrics(model, judge: DigitCNN, test_feats: torch.Tensor, samples_per_digit: int, seed: int
+                       ) -> dict[str, dict[str, Any]]:
+    """For each prior the model has ("standard", and "fitted" when present): how often the judge reads a sample as
+    the requested digit (overall and per digit), and the samples' FID against the test set's features."""
     k = model.hparams.num_classes
     generation = {}
     for prior in ("standard", "fitted") if model.fitted_prior is not None else ("standard",):
@@ -210,29 +222,23 @@ def evaluate(model, data_dir: str | Path, samples_per_digit: int = 1_000, seed: 
             "per_digit": [hits[wanted == c].mean().item() for c in range(k)],
             "fid": fid(feats, test_feats),
         }
-    recon_feats, _ = features_and_predictions(judge, reconstruct(model, images, labels))
-    terms = elbo_terms(model, images, labels, seed)
+    return generation
+
+
+def likelihood_metrics(model, images: torch.Tensor, labels: torch.Tensor, terms: dict[str, Any], iw_samples: int,
+                       seed: int) -> dict[str, Any]:
+    """The negative ELBO (from elbo_terms' `terms`) and the importance-weighted bound (iw_bound), per image, in loss
+    units and in nats."""
     neg_elbo = terms["recon_per_image"] + terms["kl_per_image"]  # the ELBO itself, whatever kl_weight trained it
     iw = iw_bound(model, images, labels, iw_samples, seed).mean().item()
     return {
-        "seed": seed,
-        "model": {"latent_dim": model.hparams.latent_dim, "kl_weight": model.hparams.kl_weight,
-                  "fitted_prior": None if model.fitted_prior is None else model.fitted_prior.get("kind", "mixture")},
-        "prior_used": model.resolve_prior("auto"),
-        "classifier": {"test_accuracy": (test_preds == labels).double().mean().item(),
-                       "features": f"DigitCNN penultimate layer ({test_feats.shape[1]}-d), FID in float64"},
-        "test": terms,
-        "likelihood": {
-            "units": f"loss units: -log p(x | y) with the summed squared error as -log p(x | z, y); "
-                     f"nats: plus 392 ln(pi) = {GAUSSIAN_CONSTANT:.2f} (a Gaussian decoder with variance 1/2)",
-            "neg_elbo_per_image": neg_elbo,
-            "iw_samples": iw_samples,
-            "iw_bound_per_image": iw,
-            "neg_elbo_nats_per_image": neg_elbo + GAUSSIAN_CONSTANT,
-            "iw_bound_nats_per_image": iw + GAUSSIAN_CONSTANT,
-        },
-        "generation": generation,
-        "reconstruction_fid": fid(recon_feats, test_feats),
+        "units": f"loss units: -log p(x | y) with the summed squared error as -log p(x | z, y); "
+                 f"nats: plus 392 ln(pi) = {GAUSSIAN_CONSTANT:.2f} (a Gaussian decoder with variance 1/2)",
+        "neg_elbo_per_image": neg_elbo,
+        "iw_samples": iw_samples,
+        "iw_bound_per_image": iw,
+        "neg_elbo_nats_per_image": neg_elbo + GAUSSIAN_CONSTANT,
+        "iw_bound_nats_per_image": iw + GAUSSIAN_CONSTANT,
     }
 
 
