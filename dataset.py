@@ -152,8 +152,7 @@ def verify_split(images: torch.Tensor, labels: torch.Tensor, train: bool) -> Non
 
 
 def to_float_images(images: torch.Tensor) -> torch.Tensor:
-    """uint8 (N, 28, 28) -> float32 (N, 1, 28, 28) in [0, 1]: uint8 / 255, as torchvision's ToTensor. The one place
-    the model's input scaling is defined; training, evaluation and the classifier all go through it."""
+    """uint8 (N, 28, 28) -> float32 (N, 1, 28, 28) in [0, 1] (/ 255, as ToTensor): the model's one input scaling."""
     return images.float().div_(255).unsqueeze(1)
 
 

@@ -45,7 +45,7 @@ GRID = 15              # manifold: GRID x GRID decodes over the slider square
 MARKER = (255, 87, 34)  # the manifold's marker colour (orange; the digits are grey, so any R != G pixel is marker)
 MIN_SIDE, MAX_SIDE = 8, 4096   # accepted upload sizes, pixels per side
 # Model events running at once; the rest wait in the queue. A request's model work is a millisecond, so more slots
-# only add threads fighting over the GIL (bench/ui_latency.py: 2 slots served more images/s than 8 on 2 cores).
+# only add threads fighting over the GIL (bench/README.md).
 CONCURRENCY = 2
 QUEUE_SIZE = 1024      # waiting events before new ones are turned away
 MAX_UPLOAD = "10mb"
@@ -228,8 +228,8 @@ class Explorer:
     # ----- the named endpoints ---------------------------------------------------------------------------------
     def generate(self, digit: int, z0: float, z1: float) -> np.ndarray:
         """Decode one digit at (z0, z1): the model's own (28, 28) uint8 image. The page scales it up with CSS
-        (pixelated, so every model pixel is a crisp square). Sending 28 px rather than 336 px cuts the server's PNG
-        work per request from 1.9 to 0.6 ms and the file from about 1.7 kB to 0.5 kB, and a slider drag streams these."""
+        (pixelated, so every model pixel is a crisp square): a slider drag streams these, and a small PNG is quicker
+        to encode and send (bench/README.md)."""
         digit = check_digit(digit, self.num_classes)
         z0, z1 = check_z(z0, "z0"), check_z(z1, "z1")
         return self.decode(self.latent(z0, z1), [digit])
@@ -434,8 +434,8 @@ def launch(app: gr.Blocks, host: str = "127.0.0.1", port: int = 7860, block: boo
     """Serve `app` on host:port (no share link) and return its local URL. block=True prints the URL and serves until
     Ctrl-C; block=False returns at once and leaves the server running in a thread (stop it with app.close()).
     main() also sets torch.set_num_threads(1); do the same when timing the app in-process."""
-    # Gradio rebuilds its monitoring summary (a pandas DataFrame of recent events) after every event by default:
-    # about a fifth of the server's CPU per /generate call here. Every 1000 events is plenty for a dashboard.
+    # Gradio rebuilds its monitoring summary (a pandas DataFrame of recent events) after every event by default, a
+    # large share of the server's work per call (bench/README.md). Every 1000 events is plenty for a dashboard.
     os.environ.setdefault("GRADIO_ANALYTICS_CACHE_FREQUENCY", "1000")
     # Queue-position estimates once a second rather than after every job: jobs take milliseconds.
     app.queue(default_concurrency_limit=CONCURRENCY, max_size=QUEUE_SIZE, status_update_rate=1.0)
@@ -492,7 +492,7 @@ def main(argv: list[str] | None = None) -> int:
     if problem:
         fail(problem)
     # Requests are tiny and run side by side in the server's threads; intra-op threads only contend with each other
-    # (the ten-digit row took 94 ms with 2 threads on a busy 2-core machine, 2 ms with 1).
+    # (bench/README.md).
     torch.set_num_threads(1)
     hp = model.hparams
     print(f"Loaded {args.ckpt}: latent_dim {hp.latent_dim}, prior {model.resolve_prior('auto')}, "

@@ -58,15 +58,10 @@ def gaussian_nll_constant(pixels: int) -> float:
 
 def elbo_loss(recon: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, logvar: torch.Tensor,
               kl_weight: float = 1.0, free_bits: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Negative ELBO with a summed-MSE reconstruction term; returns (total, recon, kl), each a batch mean.
+    """Negative ELBO: (recon + kl_weight * kl, recon, kl), batch means of squared_error and summed kl_per_dim.
 
-    recon: squared_error, the sum over pixels of (x_hat - x)^2.
-    kl:    kl_per_dim summed over the latent dimensions.
-
-    `kl_weight` is beta; 0 gives the original repo's plain-MSE autoencoder objective. `free_bits` (nats per latent
-    dimension, Kingma et al. 2016) stops the optimiser from pushing a dimension's batch-mean KL below that value, the
-    usual guard against a collapsed (unused) latent dimension. The returned `kl` is always the true KL.
-    """
+    kl_weight is beta (0: the original repo's plain-MSE autoencoder). free_bits (nats per latent dimension, Kingma
+    et al. 2016) floors each dimension's batch-mean KL in the total only, against collapsed dimensions."""
     recon_loss = squared_error(recon, x).mean()
     kl_dims = kl_per_dim(mean, logvar)  # (N, latent)
     kl = kl_dims.sum(dim=1).mean()
@@ -158,9 +153,8 @@ class CVAE(pl.LightningModule):
         self.fitted_prior: dict[str, Any] | None = None
         self.warmup_steps = 0.0  # the KL warm-up in training steps, set when training starts (on_train_start)
         # Running means of the loss terms, one per stage and term ("train_loss" ... "test_kl"), updated every step
-        # and logged once per epoch: a self.log call per term and step would cost Lightning about 0.3 ms each, a
-        # tenth of a training step here (bench/README.md). A NaN loss stays NaN in the mean, so divergence shows.
-        # Metric states are not saved in checkpoints.
+        # and logged once per epoch: Lightning's self.log is slow enough to matter when called per term and step
+        # (bench/README.md). A NaN loss stays NaN in the mean, so divergence shows. Not saved in checkpoints.
         self.epoch_means = nn.ModuleDict({name: MeanMetric(nan_strategy="disable") for name in metric_names(*STAGES)})
 
     # ----- input checks for the public entry points (encode, decode, sample) ----------------------------------
@@ -310,8 +304,8 @@ class CVAE(pl.LightningModule):
         self._log_epoch_means("test")
 
     def configure_optimizers(self):
-        # The fused kernel does the same Adam update in one pass over the parameters: about 10 % faster per step
-        # on a 2-core CPU for this small model (bench/train_speed.py).
+        # The fused kernel does the same Adam update in one pass over the parameters, which is faster
+        # (bench/README.md).
         fused = self.device.type in ("cpu", "cuda")
         return torch.optim.Adam(self.parameters(), lr=self.hparams.lr, fused=fused or None)
 

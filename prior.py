@@ -43,7 +43,7 @@ def fit_gmm_prior(z: torch.Tensor, labels: torch.Tensor, num_classes: int, kind:
             raise ValueError(f"too few codes ({len(group)}) to fit {n_components} components")
         d = group.shape[1]
         if n_components == 1:
-            # Closed form; also keeps scikit-learn (about 50 MB of memory) out of the default train.py run.
+            # Closed form; also keeps scikit-learn's memory out of the default train.py run (bench/README.md).
             weight, mean = np.ones(1), group.mean(axis=0, keepdims=True)
             cov = (np.cov(group, rowvar=False, bias=True).reshape(d, d) + REG_COVAR * np.eye(d))[None]
         else:

@@ -44,7 +44,7 @@ FIGSIZES = {
     "training_curves.png": (10.0, 4.2),
 }
 GAUSSIAN_CONSTANT = gaussian_nll_constant(IMAGE_SIZE ** 2)  # loss units + this = nats (392 ln(pi) per image)
-IW_SAMPLES = 100  # default k: the whole test set in about 20 s on one CPU core
+IW_SAMPLES = 100  # default k: a tight bound that still takes seconds, not minutes, on a CPU (bench/README.md)
 MANIFOLD_QUANTILES = (0.05, 0.95)
 SCATTER_CAPTION = ("In a CVAE the decoder is given the label, so z need not encode which digit it is: the classes "
                    "overlap by design,\nand z carries the style (slant, width, stroke) shared across digits.")
@@ -493,8 +493,8 @@ def build_parser() -> ArgParser:
     p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR, help="where MNIST is")
     p.add_argument("--seed", type=bounded(int, 0), default=0, help="seed for samples and the test ELBO's z draws")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1, mps")
-    # One thread by default: the batches here are small, and on a shared 2-core machine two torch threads waiting on
-    # each other made the evaluation 2.5x slower than one.
+    # One thread by default: the batches here are small, and on a shared machine two torch threads wait on each other
+    # (bench/README.md).
     p.add_argument("--num-threads", type=bounded(int, 1), default=1, help="CPU threads for torch")
     p.add_argument("--samples-per-digit", type=bounded(int, 2), default=1_000,
                    help="prior samples per digit for conditional accuracy and FID")
