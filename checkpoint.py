@@ -56,6 +56,10 @@ class CheckpointError(Exception):
     """A checkpoint that cannot be used: missing, damaged, unsafe or of another model. The message is one line."""
 
 
+class CheckpointNotFound(CheckpointError):
+    """No file at the path; the message says how to make one."""
+
+
 def safe_torch_load(path: str | Path, map_location: Any = "cpu",
                     make_one: str = "train one with `python train.py`") -> dict[str, Any]:
     """torch.load with weights_only=True: only tensors and plain Python containers are unpickled, so a crafted
@@ -63,7 +67,7 @@ def safe_torch_load(path: str | Path, map_location: Any = "cpu",
     says how to `make_one`."""
     path = Path(path)
     if not path.exists():
-        raise CheckpointError(f"checkpoint {path} not found; {make_one}")
+        raise CheckpointNotFound(f"checkpoint {path} not found; {make_one}")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} is not a file")
     if path.stat().st_size == 0:

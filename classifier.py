@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from checkpoint import CheckpointError, atomic_torch_save, safe_torch_load
+from model import eval_mode
 
 JUDGE_FILE = "weights/digit_cnn.pt"  # relative to the repo
 JUDGE_PATH = Path(__file__).resolve().parent / JUDGE_FILE
@@ -42,15 +43,15 @@ class ClassifierConfig:
     dropout: float = 0.25
     epochs: int = 3
     batch_size: int = 128
-    lr: float = 3e-3  # decayed linearly to 0 over training: +0.3 points of test accuracy over a constant rate
+    lr: float = 3e-3  # decayed linearly to 0 over training: more accurate than a constant rate (bench/README.md)
     seed: int = 0
 
 
 class DigitCNN(nn.Module):
     """Two strided convolutions (28 -> 14 -> 7), a hidden layer (the FID features) and 10 logits.
 
-    Strided convolutions instead of conv + max-pool: on a CPU the pooling layers cost more than the convolutions, and
-    this net trains 3.5x faster for the same test accuracy. Input: (N, 1, 28, 28) in [0, 1], the CVAE's output range.
+    Strided convolutions instead of conv + max-pool: on a CPU the pooling layers cost more than the convolutions
+    (bench/README.md). Input: (N, 1, 28, 28) in [0, 1], the CVAE's output range.
     """
 
     def __init__(self, channels: tuple[int, int] = (16, 32), hidden: int = 128, dropout: float = 0.25,
@@ -85,13 +86,13 @@ def features_and_predictions(model: DigitCNN, images: torch.Tensor, batch_size: 
     (features (N, hidden) float64 on the CPU, predicted digits (N,))."""
     if not images.is_floating_point():
         raise TypeError(f"images must be floats in [0, 1], got {images.dtype}")
-    model.eval()
     device = next(model.parameters()).device
     feats, preds = [], []
-    for i in range(0, len(images), batch_size):
-        f = model.features(images[i:i + batch_size].to(device))
-        feats.append(f.double().cpu())
-        preds.append(model.classify(f).argmax(dim=1).cpu())
+    with eval_mode(model):
+        for i in range(0, len(images), batch_size):
+            f = model.features(images[i:i + batch_size].to(device))
+            feats.append(f.double().cpu())
+            preds.append(model.classify(f).argmax(dim=1).cpu())
     return torch.cat(feats), torch.cat(preds)
 
 
@@ -147,11 +148,10 @@ def train_classifier(images: torch.Tensor, labels: torch.Tensor, config: Classif
     """Train DigitCNN with Adam on uint8 images (N, 28, 28) and int64 labels; seeded from config.seed alone.
 
     The global RNG is forked, so training neither depends on nor changes the caller's random state. It runs on one
-    CPU thread: this net's operations are too small to share out, on a busy machine two threads waiting on each other
-    ran 10x slower than one (measured on the project's shared 2-core machine), and the result no longer depends on
-    the thread count.
+    CPU thread: this net's operations are too small to share out (bench/README.md), and the result no longer depends
+    on the thread count.
     """
-    from dataset import to_float_images  # here: importing classifier for the judge needs no data code
+    from dataset import ceil_div, to_float_images  # here: importing classifier for the judge needs no data code
 
     devices = [torch.device(device)] if torch.device(device).type == "cuda" else []
     threads = torch.get_num_threads()
@@ -161,7 +161,7 @@ def train_classifier(images: torch.Tensor, labels: torch.Tensor, config: Classif
             torch.manual_seed(config.seed)
             model = DigitCNN(config.channels, config.hidden, config.dropout).to(device)
             opt = torch.optim.Adam(model.parameters(), lr=config.lr)
-            steps = config.epochs * -(-len(images) // config.batch_size)
+            steps = config.epochs * ceil_div(len(images), config.batch_size)
             schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1 - step / steps)
             x_all = to_float_images(images).to(device)  # (N, 1, 28, 28)
             y_all = labels.long().to(device)
@@ -183,10 +183,10 @@ def train_classifier(images: torch.Tensor, labels: torch.Tensor, config: Classif
 def main(argv: list[str] | None = None) -> int:
     """Retrain the judge on the MNIST training set and write its weights (atomically) with their hash."""
     from cli import ArgParser
-    from dataset import load_split, prepare_mnist, to_float_images
+    from dataset import DEFAULT_DATA_DIR, load_split, prepare_mnist, to_float_images
 
     p = ArgParser(description="Retrain the digit classifier that judges samples (test.py's FID and accuracy).")
-    p.add_argument("--data-dir", type=Path, default=Path("data"), help="where MNIST is (or is written)")
+    p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR, help="where MNIST is (or is written)")
     p.add_argument("--out", type=Path, default=JUDGE_PATH, help="where the weights go")
     args = p.parse_args(argv)
     prepare_mnist(args.data_dir)

@@ -9,6 +9,10 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
+# Where the scripts write and read by default (train.py's --ckpt and --run-dir, test.py's and gradio_test.py's too).
+DEFAULT_CKPT = Path("cvae.ckpt")
+DEFAULT_RUN_DIR = Path("runs/cvae")
+
 
 class UsageError(Exception):
     """Bad input from the user: reported as one line, exit status 2."""

@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 NUM_CLASSES = 10
 IMAGE_SIZE = 28
 TRAIN_SIZE, TEST_SIZE = 60_000, 10_000
+DEFAULT_DATA_DIR = Path("data")  # the scripts' --data-dir
 # Label histograms of the official MNIST files; a loaded copy must match them exactly.
 TRAIN_LABEL_COUNTS = (5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949)
 TEST_LABEL_COUNTS = (980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009)
@@ -34,6 +35,11 @@ RAW_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
+
+
+def ceil_div(a: int, b: int) -> int:
+    """a / b rounded up, in integers."""
+    return -(-a // b)
 
 
 class DataError(RuntimeError):
@@ -109,7 +115,7 @@ def _to_uint8(x: np.ndarray) -> np.ndarray:
     return x.astype(np.uint8)
 
 
-def prepare_mnist(data_dir: str | Path = "./data") -> str:
+def prepare_mnist(data_dir: str | Path = DEFAULT_DATA_DIR) -> str:
     """Make sure the raw MNIST files exist under data_dir; returns where they came from."""
     if has_raw_files(data_dir):
         return "existing files"
@@ -155,8 +161,7 @@ def verify_split(images: torch.Tensor, labels: torch.Tensor, train: bool) -> Non
 
 
 def to_float_images(images: torch.Tensor) -> torch.Tensor:
-    """uint8 (N, 28, 28) -> float32 (N, 1, 28, 28) in [0, 1]: uint8 / 255, as torchvision's ToTensor. The one place
-    the model's input scaling is defined; training, evaluation and the classifier all go through it."""
+    """uint8 (N, 28, 28) -> float32 (N, 1, 28, 28) in [0, 1] (/ 255, as ToTensor): the model's one input scaling."""
     return images.float().div_(255).unsqueeze(1)
 
 
@@ -194,8 +199,7 @@ class BatchIndexSampler(Sampler):
         self.epoch = epoch
 
     def __len__(self) -> int:
-        batches = -(-self.n // self.batch_size)
-        return -(-batches // self.world_size)
+        return ceil_div(ceil_div(self.n, self.batch_size), self.world_size)
 
     def __iter__(self):
         if self.shuffle:
@@ -216,7 +220,7 @@ class MNISTDataModule(pl.LightningDataModule):
     `train_size` keeps only the first N training images after the split (for quick experiments and tests).
     """
 
-    def __init__(self, data_dir: str | Path = "./data", batch_size: int = 100, val_size: int = 5_000,
+    def __init__(self, data_dir: str | Path = DEFAULT_DATA_DIR, batch_size: int = 100, val_size: int = 5_000,
                  seed: int = 0, train_size: int | None = None, device: str | torch.device | None = None):
         super().__init__()
         if batch_size < 1:

@@ -20,15 +20,17 @@ import errno
 import os
 import socket
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
+from torchvision.utils import make_grid
 
-from checkpoint import CheckpointError, load_cvae
-from cli import ArgParser, bounded, fail
+from checkpoint import CheckpointError, CheckpointNotFound, load_cvae
+from cli import DEFAULT_CKPT, ArgParser, bounded, fail
 
 if __name__ == "__main__" and not os.environ.get("GRADIO_SERVER_PORT", "7860").isdigit():
     # gradio parses this variable when imported and dies with a traceback on a non-number.
@@ -43,7 +45,7 @@ GRID = 15              # manifold: GRID x GRID decodes over the slider square
 MARKER = (255, 87, 34)  # the manifold's marker colour (orange; the digits are grey, so any R != G pixel is marker)
 MIN_SIDE, MAX_SIDE = 8, 4096   # accepted upload sizes, pixels per side
 # Model events running at once; the rest wait in the queue. A request's model work is a millisecond, so more slots
-# only add threads fighting over the GIL (bench/ui_latency.py: 2 slots served more images/s than 8 on 2 cores).
+# only add threads fighting over the GIL (bench/README.md).
 CONCURRENCY = 2
 QUEUE_SIZE = 1024      # waiting events before new ones are turned away
 MAX_UPLOAD = "10mb"
@@ -215,26 +217,28 @@ class Explorer:
             z[:, 1] = z1
         return z
 
-    def decode(self, z: torch.Tensor, labels: list[int]) -> np.ndarray:
-        """(N, latent_dim) codes and N labels -> (N, side, side) uint8 images."""
+    def decode(self, z: torch.Tensor, labels: list[int], columns: int = 1) -> np.ndarray:
+        """Decode (N, latent_dim) codes under N labels and lay the images out `columns` to a row, edge to edge: a
+        (rows * side, columns * side) uint8 image."""
         with torch.inference_mode():
             x = self.model.decode(z.to(self.model.device), torch.tensor(labels))
-        return to_uint8(x).reshape(-1, self.side, self.side)
+        grid = make_grid(x.reshape(-1, 1, self.side, self.side), nrow=columns, padding=0)  # (3, H, W), grey
+        return to_uint8(grid[0])
 
     # ----- the named endpoints ---------------------------------------------------------------------------------
     def generate(self, digit: int, z0: float, z1: float) -> np.ndarray:
         """Decode one digit at (z0, z1): the model's own (28, 28) uint8 image. The page scales it up with CSS
-        (pixelated, so every model pixel is a crisp square). Sending 28 px rather than 336 px cuts the server's PNG
-        work per request from 1.9 to 0.6 ms and the file from about 1.7 kB to 0.5 kB, and a slider drag streams these."""
+        (pixelated, so every model pixel is a crisp square): a slider drag streams these, and a small PNG is quicker
+        to encode and send (bench/README.md)."""
         digit = check_digit(digit, self.num_classes)
         z0, z1 = check_z(z0, "z0"), check_z(z1, "z1")
-        return self.decode(self.latent(z0, z1), [digit])[0]
+        return self.decode(self.latent(z0, z1), [digit])
 
     def style_row(self, z0: float, z1: float) -> np.ndarray:
         """The same z decoded under every label, left to right 0..9: a (28 * 4, 10 * 28 * 4) uint8 image."""
         z0, z1 = check_z(z0, "z0"), check_z(z1, "z1")
-        images = self.decode(self.latent(z0, z1, self.num_classes), list(range(self.num_classes)))
-        return upscale(np.concatenate(list(images), axis=1), ROW_SCALE)
+        row = self.decode(self.latent(z0, z1, self.num_classes), list(range(self.num_classes)), self.num_classes)
+        return upscale(row, ROW_SCALE)
 
     def manifold(self, digit: int, z0: float, z1: float) -> np.ndarray:
         """The digit's decodes over the slider square (z0 left to right, z1 bottom to top) with a marker at (z0, z1):
@@ -265,10 +269,7 @@ class Explorer:
         z[:, 0] = torch.from_numpy(z0_grid.ravel()).float()
         if self.latent_dim > 1:
             z[:, 1] = torch.from_numpy(z1_grid.ravel()).float()
-        images = self.decode(z, [digit] * len(z))  # (rows * GRID, 28, 28)
-        rows = len(z1s)
-        return images.reshape(rows, GRID, self.side, self.side).transpose(0, 2, 1, 3).reshape(
-            rows * self.side, GRID * self.side)
+        return self.decode(z, [digit] * len(z), columns=GRID)
 
     def random_z(self, digit: int) -> tuple[float, float]:
         """Draw z for this digit from the model's prior (the fitted one when the checkpoint has it); returns its first
@@ -324,84 +325,117 @@ def page_notes(explorer: Explorer) -> tuple[str, str]:
     return prior, dims
 
 
+@dataclass
+class Page:
+    """The components that events read and write; the rest of the page is static."""
+
+    digit: gr.Radio
+    z0: gr.Slider
+    z1: gr.Slider
+    random_button: gr.Button
+    image: gr.Image
+    manifold: gr.Image
+    row: gr.Image
+    sketch: gr.Sketchpad
+    encode_sketch: gr.Button
+    upload: gr.Image
+    encode_upload: gr.Button
+    label: gr.Radio
+
+
+START = (7, 0.0, 0.0)  # the digit, z0 and z1 the page opens with
+
+
 def build_app(model) -> gr.Blocks:
     """The explorer page for a loaded CVAE, not yet served (see launch)."""
     explorer = Explorer(model)
+    with gr.Blocks(title="CVAE latent explorer", analytics_enabled=False, delete_cache=(600, 600)) as app:
+        page = lay_out(explorer)
+        wire_events(explorer, page)
+    return app
+
+
+def lay_out(explorer: Explorer) -> Page:
+    """The page's components, top to bottom; call inside a gr.Blocks."""
     digits = list(range(explorer.num_classes))
     prior_note, dims_note = page_notes(explorer)
-    start = (7, 0.0, 0.0)
     slider = dict(minimum=-Z_RANGE, maximum=Z_RANGE, step=Z_STEP, value=0.0)
+    gr.Markdown("# Conditional VAE: latent-space explorer\n"
+                "The decoder turns a digit label and a latent code **z** into an image. The label fixes "
+                "*which* digit; z carries the *handwriting*: slant, width, stroke. Move the sliders and "
+                "watch the digit change as you drag.", elem_id="title")
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=4, min_width=260):
+            digit = DigitRadio(digits, value=START[0], label="Digit", elem_id="digit")
+            z0 = ZSlider(label="z0", elem_id="z0", **slider)
+            z1 = ZSlider(label="z1", elem_id="z1", visible=explorer.latent_dim > 1, **slider)
+            random_button = gr.Button("Random z", variant="primary", elem_id="random")
+            gr.Markdown(f"{prior_note}\n\nThe sliders span ±{Z_RANGE:g} standard deviations of N(0, I). "
+                        f"{dims_note}")
+        with gr.Column(scale=4, min_width=360):
+            image = gr.Image(explorer.generate(*START), label="Decoded digit", format="png", height=360,
+                             interactive=False, buttons=["download"], elem_id="digit-image",
+                             elem_classes=["pixelated"])
+        with gr.Column(scale=5, min_width=360):
+            manifold = gr.Image(explorer.manifold(*START), label="Manifold of this digit (z0 →, z1 ↑)",
+                                format="png", height=360, interactive=False, buttons=["download"],
+                                elem_id="manifold", elem_classes=["pixelated"])
+    row = gr.Image(explorer.style_row(*START[1:]), label="Same style, all ten digits", format="png",
+                   interactive=False, buttons=["download"], elem_id="style-row", elem_classes=["pixelated"])
+    with gr.Accordion("Your handwriting: draw or upload a digit, see all ten in that style", open=True):
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=3):
+                with gr.Tabs():
+                    with gr.Tab("Draw"):
+                        # A white page as the background: the editor then opens with the brush in hand.
+                        sketch = gr.Sketchpad(np.full((280, 280, 3), 255, np.uint8), label="Draw one digit",
+                                              canvas_size=(280, 280), height=320,
+                                              layers=False, transforms=(), type="numpy",
+                                              brush=gr.Brush(default_size=14, colors=["#000000"],
+                                                             color_mode="fixed"), elem_id="sketch")
+                        encode_sketch = gr.Button("Encode my drawing", variant="primary")
+                    with gr.Tab("Upload"):
+                        upload = ImageUpload(label="A picture of one digit", type="filepath", image_mode=None,
+                                             sources=["upload", "clipboard"], height=320, elem_id="upload")
+                        encode_upload = gr.Button("Encode this picture", variant="primary")
+            with gr.Column(scale=2):
+                label = DigitRadio(digits, value=START[0], label="It is a …", elem_id="label")
+                gr.Markdown("The encoder finds the z of your digit; the sliders jump there and the row above "
+                            "shows the ten digits in your handwriting. Dark-on-light and light-on-dark both "
+                            "work; the digit is centred and scaled the way MNIST was.")
+    return Page(digit, z0, z1, random_button, image, manifold, row, sketch, encode_sketch, upload, encode_upload,
+                label)
+
+
+def wire_events(explorer: Explorer, page: Page) -> None:
+    """Connect the components to the explorer's functions, naming the API endpoints; call inside the gr.Blocks."""
     # One queue slot pool for everything that runs the model.
     model_event = dict(concurrency_limit=CONCURRENCY, concurrency_id="model")
     live = dict(trigger_mode="always_last", show_progress="hidden", **model_event)
-
-    with gr.Blocks(title="CVAE latent explorer", analytics_enabled=False, delete_cache=(600, 600)) as app:
-        gr.Markdown("# Conditional VAE: latent-space explorer\n"
-                    "The decoder turns a digit label and a latent code **z** into an image. The label fixes "
-                    "*which* digit; z carries the *handwriting*: slant, width, stroke. Move the sliders and "
-                    "watch the digit change as you drag.", elem_id="title")
-        with gr.Row(equal_height=False):
-            with gr.Column(scale=4, min_width=260):
-                digit = DigitRadio(digits, value=start[0], label="Digit", elem_id="digit")
-                z0 = ZSlider(label="z0", elem_id="z0", **slider)
-                z1 = ZSlider(label="z1", elem_id="z1", visible=explorer.latent_dim > 1, **slider)
-                random_button = gr.Button("Random z", variant="primary", elem_id="random")
-                gr.Markdown(f"{prior_note}\n\nThe sliders span ±{Z_RANGE:g} standard deviations of N(0, I). "
-                            f"{dims_note}")
-            with gr.Column(scale=4, min_width=360):
-                image = gr.Image(explorer.generate(*start), label="Decoded digit", format="png", height=360,
-                                 interactive=False, buttons=["download"], elem_id="digit-image",
-                                 elem_classes=["pixelated"])
-            with gr.Column(scale=5, min_width=360):
-                manifold = gr.Image(explorer.manifold(*start), label="Manifold of this digit (z0 →, z1 ↑)",
-                                    format="png", height=360, interactive=False, buttons=["download"],
-                                    elem_id="manifold", elem_classes=["pixelated"])
-        row = gr.Image(explorer.style_row(*start[1:]), label="Same style, all ten digits", format="png",
-                       interactive=False, buttons=["download"], elem_id="style-row", elem_classes=["pixelated"])
-        with gr.Accordion("Your handwriting: draw or upload a digit, see all ten in that style", open=True):
-            with gr.Row(equal_height=False):
-                with gr.Column(scale=3):
-                    with gr.Tabs():
-                        with gr.Tab("Draw"):
-                            # A white page as the background: the editor then opens with the brush in hand.
-                            sketch = gr.Sketchpad(np.full((280, 280, 3), 255, np.uint8), label="Draw one digit",
-                                                  canvas_size=(280, 280), height=320,
-                                                  layers=False, transforms=(), type="numpy",
-                                                  brush=gr.Brush(default_size=14, colors=["#000000"],
-                                                                 color_mode="fixed"), elem_id="sketch")
-                            encode_sketch = gr.Button("Encode my drawing", variant="primary")
-                        with gr.Tab("Upload"):
-                            upload = ImageUpload(label="A picture of one digit", type="filepath", image_mode=None,
-                                                 sources=["upload", "clipboard"], height=320, elem_id="upload")
-                            encode_upload = gr.Button("Encode this picture", variant="primary")
-                with gr.Column(scale=2):
-                    label = DigitRadio(digits, value=start[0], label="It is a …", elem_id="label")
-                    gr.Markdown("The encoder finds the z of your digit; the sliders jump there and the row above "
-                                "shows the ten digits in your handwriting. Dark-on-light and light-on-dark both "
-                                "work; the digit is centred and scaled the way MNIST was.")
-
-        # Live view: the three pictures follow every change of digit or z (a slider drag sends a stream of changes;
-        # "always_last" drops the ones that pile up while a request is running).
-        gr.on([digit.change, z0.change, z1.change], explorer.generate, [digit, z0, z1], image,
-              api_name="generate", **live)
-        gr.on([z0.change, z1.change], explorer.style_row, [z0, z1], row, api_name="style_row", **live)
-        gr.on([digit.change, z0.change, z1.change], explorer.manifold, [digit, z0, z1], manifold,
-              api_name="manifold", **live)
-        random_button.click(explorer.random_z, digit, [z0, z1], api_name="random_z", **model_event)
-        # Encoding sets the sliders (which redraw the pictures) and then shows the digit the user said it was.
-        encode_upload.click(explorer.style_transfer, [upload, label], [row, z0, z1], api_name="style_transfer",
-                            **model_event).success(lambda d: d, label, digit, api_visibility="private", queue=False)
-        encode_sketch.click(explorer.style_transfer_sketch, [sketch, label], [row, z0, z1], api_visibility="private",
-                            **model_event).success(lambda d: d, label, digit, api_visibility="private", queue=False)
-    return app
+    digit, z0, z1 = page.digit, page.z0, page.z1
+    # Live view: the three pictures follow every change of digit or z (a slider drag sends a stream of changes;
+    # "always_last" drops the ones that pile up while a request is running).
+    gr.on([digit.change, z0.change, z1.change], explorer.generate, [digit, z0, z1], page.image,
+          api_name="generate", **live)
+    gr.on([z0.change, z1.change], explorer.style_row, [z0, z1], page.row, api_name="style_row", **live)
+    gr.on([digit.change, z0.change, z1.change], explorer.manifold, [digit, z0, z1], page.manifold,
+          api_name="manifold", **live)
+    page.random_button.click(explorer.random_z, digit, [z0, z1], api_name="random_z", **model_event)
+    # Encoding sets the sliders (which redraw the pictures) and then shows the digit the user said it was.
+    page.encode_upload.click(explorer.style_transfer, [page.upload, page.label], [page.row, z0, z1],
+                             api_name="style_transfer", **model_event
+                             ).success(lambda d: d, page.label, digit, api_visibility="private", queue=False)
+    page.encode_sketch.click(explorer.style_transfer_sketch, [page.sketch, page.label], [page.row, z0, z1],
+                             api_visibility="private", **model_event
+                             ).success(lambda d: d, page.label, digit, api_visibility="private", queue=False)
 
 
 def launch(app: gr.Blocks, host: str = "127.0.0.1", port: int = 7860, block: bool = True) -> str:
     """Serve `app` on host:port (no share link) and return its local URL. block=True prints the URL and serves until
     Ctrl-C; block=False returns at once and leaves the server running in a thread (stop it with app.close()).
     main() also sets torch.set_num_threads(1); do the same when timing the app in-process."""
-    # Gradio rebuilds its monitoring summary (a pandas DataFrame of recent events) after every event by default:
-    # about a fifth of the server's CPU per /generate call here. Every 1000 events is plenty for a dashboard.
+    # Gradio rebuilds its monitoring summary (a pandas DataFrame of recent events) after every event by default, a
+    # large share of the server's work per call (bench/README.md). Every 1000 events is plenty for a dashboard.
     os.environ.setdefault("GRADIO_ANALYTICS_CACHE_FREQUENCY", "1000")
     # Queue-position estimates once a second rather than after every job: jobs take milliseconds.
     app.queue(default_concurrency_limit=CONCURRENCY, max_size=QUEUE_SIZE, status_update_rate=1.0)
@@ -437,7 +471,7 @@ def env_default(name: str, default: str) -> str:
 
 def build_parser() -> ArgParser:
     p = ArgParser(description="Serve the CVAE latent-space explorer (Gradio) on localhost.")
-    p.add_argument("--ckpt", type=Path, default=Path("cvae.ckpt"), help="checkpoint written by train.py")
+    p.add_argument("--ckpt", type=Path, default=DEFAULT_CKPT, help="checkpoint written by train.py")
     p.add_argument("--host", default=env_default("GRADIO_SERVER_NAME", "127.0.0.1"),
                    help="interface to listen on (env GRADIO_SERVER_NAME); 0.0.0.0 opens it to the network")
     p.add_argument("--port", type=bounded(int, 1, 65535), default=env_default("GRADIO_SERVER_PORT", "7860"),
@@ -450,14 +484,15 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # no telemetry calls, whatever else gradio builds
     try:
         model = load_cvae(args.ckpt, map_location="cpu")  # a tiny MLP: the CPU answers in a millisecond
+    except CheckpointNotFound as err:
+        fail(str(err))  # says how to train one
     except CheckpointError as err:
-        message = str(err)
-        fail(message if "train.py" in message else f"{message}; train one with `python train.py`")
+        fail(f"{err}; train one with `python train.py`")
     problem = listen_problem(args.host, args.port)
     if problem:
         fail(problem)
     # Requests are tiny and run side by side in the server's threads; intra-op threads only contend with each other
-    # (the ten-digit row took 94 ms with 2 threads on a busy 2-core machine, 2 ms with 1).
+    # (bench/README.md).
     torch.set_num_threads(1)
     hp = model.hparams
     print(f"Loaded {args.ckpt}: latent_dim {hp.latent_dim}, prior {model.resolve_prior('auto')}, "

@@ -9,7 +9,9 @@ Every hidden block is Linear + LayerNorm + ReLU, followed by Dropout except for 
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+import math
+from contextlib import contextmanager
+from typing import Any, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -17,14 +19,22 @@ from torch import nn
 import pytorch_lightning as pl
 from torchmetrics import MeanMetric
 
-from prior import check_prior, sample_prior
+from dataset import to_float_images
+from prior import draw_z, load_prior, resolve_prior
 
-PRIORS = ("standard", "fitted")
 STAGES = ("train", "val", "test")
 TERMS = ("loss", "recon", "kl")  # what elbo_loss returns, in that order
-# Marks checkpoints of this training loop. train.py resumes only marked ones: the train.py before it optimised
-# manually, and Lightning would restart the step count (and the KL warm-up) of such a checkpoint from zero.
-OPTIMISATION = "automatic"
+
+
+def metric_name(stage: str, term: str) -> str:
+    """The name a term's epoch mean is logged under, e.g. "val_recon"."""
+    return f"{stage}_{term}"
+
+
+def metric_names(*stages: str) -> list[str]:
+    """Every term's name for these stages, stage by stage: metric_names("test") == ["test_loss", "test_recon",
+    "test_kl"]."""
+    return [metric_name(stage, term) for stage in stages for term in TERMS]
 
 
 def kl_per_dim(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
@@ -36,30 +46,38 @@ def kl_per_dim(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
 
 
 def squared_error(recon: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Squared error summed over the pixels of each image: (N,).
-
-    This is -log p(x | z, y) of a Gaussian decoder with variance 1/2 per pixel, up to the constant
-    (pixels / 2) * ln(pi): 392 ln(pi) = 448.7 nats for a 28 x 28 image.
-    """
+    """Squared error summed over each image's pixels, (N,): -log p(x | z, y) less gaussian_nll_constant."""
     return (recon - x.reshape(recon.shape)).pow(2).sum(dim=1)
+
+
+def gaussian_nll_constant(pixels: int) -> float:
+    """What squared_error leaves out of -log p(x | z, y), in nats. A Gaussian decoder with variance 1/2 per pixel has
+    -log N(x; x_hat, 1/2) = (x - x_hat)^2 + ln(pi) / 2 per pixel: (pixels / 2) ln(pi), 448.73 for 28 x 28 pixels."""
+    return pixels / 2 * math.log(math.pi)
 
 
 def elbo_loss(recon: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, logvar: torch.Tensor,
               kl_weight: float = 1.0, free_bits: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Negative ELBO with a summed-MSE reconstruction term; returns (total, recon, kl), each a batch mean.
+    """Negative ELBO: (recon + kl_weight * kl, recon, kl), batch means of squared_error and summed kl_per_dim.
 
-    recon: squared_error, the sum over pixels of (x_hat - x)^2.
-    kl:    kl_per_dim summed over the latent dimensions.
-
-    `kl_weight` is beta; 0 gives the original repo's plain-MSE autoencoder objective. `free_bits` (nats per latent
-    dimension, Kingma et al. 2016) stops the optimiser from pushing a dimension's batch-mean KL below that value, the
-    usual guard against a collapsed (unused) latent dimension. The returned `kl` is always the true KL.
-    """
+    kl_weight is beta (0: the original repo's plain-MSE autoencoder). free_bits (nats per latent dimension, Kingma
+    et al. 2016) floors each dimension's batch-mean KL in the total only, against collapsed dimensions."""
     recon_loss = squared_error(recon, x).mean()
     kl_dims = kl_per_dim(mean, logvar)  # (N, latent)
     kl = kl_dims.sum(dim=1).mean()
     kl_term = kl_dims.mean(dim=0).clamp(min=free_bits).sum() if free_bits > 0 else kl
     return recon_loss + kl_weight * kl_term, recon_loss, kl
+
+
+@contextmanager
+def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
+    """Run the block in eval mode (no dropout) and give the module its previous mode back afterwards."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)
 
 
 def mlp_block(in_dim: int, out_dim: int, dropout: float) -> nn.Sequential:
@@ -131,16 +149,17 @@ class CVAE(pl.LightningModule):
         self.image_dim = image_size * image_size
         self.encoder = Encoder(self.image_dim, num_classes, encoder_dims, latent_dim, dropout)
         self.decoder = Decoder(latent_dim, num_classes, decoder_dims, self.image_dim, dropout)
-        # A density over z fitted after training (see prior.py); plain tensors, saved in the checkpoint.
+        # The sampling prior fitted after training (prior.FitPrior); plain tensors, saved in the checkpoint.
         self.fitted_prior: dict[str, Any] | None = None
+        self.warmup_steps = 0.0  # the KL warm-up in training steps, set when training starts (on_train_start)
         # Running means of the loss terms, one per stage and term ("train_loss" ... "test_kl"), updated every step
-        # and logged once per epoch: a self.log call per term and step would cost Lightning about 0.3 ms each, a
-        # tenth of a training step here (bench/README.md). A NaN loss stays NaN in the mean, so divergence shows.
-        # Metric states are not saved in checkpoints.
-        self.epoch_means = nn.ModuleDict({f"{stage}_{term}": MeanMetric(nan_strategy="disable")
-                                          for stage in STAGES for term in TERMS})
+        # and logged once per epoch: Lightning's self.log is slow enough to matter when called per term and step
+        # (bench/README.md). A NaN loss stays NaN in the mean, so divergence shows. Not saved in checkpoints.
+        self.epoch_means = nn.ModuleDict({name: MeanMetric(nan_strategy="disable") for name in metric_names(*STAGES)})
 
-    # ----- input handling -------------------------------------------------------------------------------------
+    # ----- input checks for the public entry points (encode, decode, sample) ----------------------------------
+    # forward, the training pass, skips them: reading a label's range back from the device would stall a GPU's
+    # queue of kernel launches at every step.
     def _onehot(self, labels: torch.Tensor | Sequence[int] | int) -> torch.Tensor:
         """Integer labels -> (N, num_classes) one-hot floats; anything else is a ValueError, not a silent bug."""
         y = torch.as_tensor(labels, device=self.device)
@@ -184,32 +203,26 @@ class CVAE(pl.LightningModule):
         return self.decoder(z, y)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Returns (recon (N, 784), mean, logvar)."""
-        mean, logvar = self.encode(x, y)
-        return self.decode(self.reparameterize(mean, logvar), y), mean, logvar
+        """The training pass: float images x (N, 1, 28, 28) or (N, 784) and int64 labels y (N,), unchecked (encode and
+        decode check their inputs; the data module's batches need no check). Returns (recon (N, 784), mean, logvar)."""
+        y_onehot = F.one_hot(y, self.hparams.num_classes).to(x.dtype)  # (N, num_classes)
+        mean, logvar = self.encoder(x.flatten(1), y_onehot)  # (N, latent_dim) each
+        z = self.reparameterize(mean, logvar)
+        return self.decoder(z, y_onehot), mean, logvar
 
     @torch.no_grad()
     def sample_z(self, labels: torch.Tensor, prior: str = "auto", generator: torch.Generator | None = None
                  ) -> torch.Tensor:
         """Draw z for each label from the prior: "standard" N(0, I), "fitted" (the density fitted after training),
         or "auto" (fitted when the model has one). Returns (N, latent_dim)."""
-        prior = self.resolve_prior(prior)
         labels = torch.as_tensor(labels).reshape(-1).long()
         self._onehot(labels)  # validates the labels
-        n, d = len(labels), self.hparams.latent_dim
-        if prior == "standard":
-            return torch.randn(n, d, generator=generator).to(self.device, self.dtype)
-        return sample_prior(self.fitted_prior, labels.cpu(), generator).to(self.device, self.dtype)
+        z = draw_z(prior, self.fitted_prior, labels, self.hparams.latent_dim, generator)
+        return z.to(self.device, self.dtype)
 
     def resolve_prior(self, prior: str) -> str:
-        """Map "auto" to the prior `sample` uses by default; reject unknown names and a missing fitted prior."""
-        if prior == "auto":
-            return "fitted" if self.fitted_prior is not None else "standard"
-        if prior not in PRIORS:
-            raise ValueError(f"prior must be one of {('auto',) + PRIORS}, got {prior!r}")
-        if prior == "fitted" and self.fitted_prior is None:
-            raise ValueError("this model has no fitted prior (train.py fits one unless --prior none)")
-        return prior
+        """The prior `sample` uses for `prior` ("auto": the fitted one when the model has it); see prior.py."""
+        return resolve_prior(prior, self.fitted_prior)
 
     @torch.no_grad()
     def sample(self, labels: torch.Tensor | Sequence[int], z: torch.Tensor | None = None, prior: str = "auto",
@@ -220,26 +233,39 @@ class CVAE(pl.LightningModule):
         checkpoint has one, else N(0, I); "standard": N(0, I); "fitted": the density fitted after training).
         Runs in eval mode (no dropout) and restores the previous mode afterwards.
         """
-        was_training = self.training
-        self.eval()
-        try:
+        with eval_mode(self):
             labels = torch.as_tensor(labels).reshape(-1)
             if z is None:
                 z = self.sample_z(labels, prior=prior, generator=generator)
             side = self.hparams.image_size
             return self.decode(z, labels).reshape(-1, 1, side, side)
-        finally:
-            self.train(was_training)
+
+    @torch.no_grad()
+    def posterior_means(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 2_000) -> torch.Tensor:
+        """Mean of q(z | x, y) for every image, in eval mode: (N, latent_dim) on the CPU.
+
+        images: floats in [0, 1], or raw uint8 pixels (0..255), scaled batch by batch as training scaled them (so the
+        55k training images never exist as one float tensor)."""
+        means = []
+        with eval_mode(self):
+            for i in range(0, len(images), batch_size):
+                x = images[i:i + batch_size]
+                x = to_float_images(x) if x.dtype == torch.uint8 else x
+                means.append(self.encode(x.to(self.device), labels[i:i + batch_size].to(self.device))[0].float().cpu())
+        return torch.cat(means)
 
     # ----- training -------------------------------------------------------------------------------------------
+    def on_train_start(self) -> None:
+        # The warm-up is given in epochs; its length in steps is known once the training batches are counted. It
+        # depends on nothing else, so a resumed run gets the same schedule from its restored global_step.
+        self.warmup_steps = self.hparams.kl_warmup_epochs * max(1, self.trainer.num_training_batches)
+
     def kl_weight_at(self, step: int) -> float:
         """beta at training step `step` (counted from 0): ramped linearly up to kl_weight over the first
         `kl_warmup_epochs` epochs, step by step, then kl_weight."""
-        warmup = self.hparams.kl_warmup_epochs
-        if warmup <= 0 or self._trainer is None:
+        if self.warmup_steps <= 0:
             return self.hparams.kl_weight
-        warmup_steps = warmup * max(1, self.trainer.num_training_batches)
-        return self.hparams.kl_weight * min(1.0, (step + 1) / warmup_steps)
+        return self.hparams.kl_weight * min(1.0, (step + 1) / self.warmup_steps)
 
     def _shared_step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
         x, y = batch
@@ -250,12 +276,12 @@ class CVAE(pl.LightningModule):
             kl_weight, free_bits = self.hparams.kl_weight, 0.0
         loss, recon_loss, kl = elbo_loss(recon, x, mean, logvar, kl_weight, free_bits)
         for term, value in zip(TERMS, (loss, recon_loss, kl)):
-            self.epoch_means[f"{stage}_{term}"].update(value.detach(), weight=len(x))  # a mean over images
+            self.epoch_means[metric_name(stage, term)].update(value.detach(), weight=len(x))  # a mean over images
         return loss
 
     def _log_epoch_means(self, stage: str) -> None:
         # Lightning computes each metric (averaged over all processes under DDP) and resets it for the next epoch.
-        self.log_dict({f"{stage}_{term}": self.epoch_means[f"{stage}_{term}"] for term in TERMS},
+        self.log_dict({name: self.epoch_means[name] for name in metric_names(stage)},
                       prog_bar=stage == "val")
 
     def training_step(self, batch, batch_idx):
@@ -287,22 +313,16 @@ class CVAE(pl.LightningModule):
         self._log_epoch_means("test")
 
     def configure_optimizers(self):
-        # The fused kernel does the same Adam update in one pass over the parameters: about 10 % faster per step
-        # on a 2-core CPU for this small model (bench/train_speed.py).
+        # The fused kernel does the same Adam update in one pass over the parameters, which is faster
+        # (bench/README.md).
         fused = self.device.type in ("cpu", "cuda")
         return torch.optim.Adam(self.parameters(), lr=self.hparams.lr, fused=fused or None)
 
     # ----- checkpoint extras (plain tensors only, so weights_only loading works) ---------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["optimisation"] = OPTIMISATION
         if self.fitted_prior is not None:
             checkpoint["fitted_prior"] = self.fitted_prior
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        prior = checkpoint.get("fitted_prior")
-        if prior is not None:
-            check_prior(prior, self.hparams.num_classes, self.hparams.latent_dim)
-            # The prior is sampled on the CPU (its generator lives there), whatever map_location said.
-            prior = {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in prior.items()}
-        self.fitted_prior = prior
-
+        self.fitted_prior = load_prior(checkpoint.get("fitted_prior"), self.hparams.num_classes,
+                                       self.hparams.latent_dim)

@@ -1,11 +1,14 @@
-"""A better prior for sampling: a Gaussian mixture fitted, after training, to the posterior means of the training set.
+"""The sampling prior, all of it: a Gaussian mixture fitted after training to the posterior means of the training set.
 
 A VAE is trained so that the *aggregate* posterior q(z) = E_x q(z | x, y) matches N(0, I), but it never matches it
 exactly; decoding z ~ N(0, I) then lands partly in regions the decoder has rarely seen. Fitting a density to the
 training codes after training and sampling from it ("ex-post density estimation", Ghosh et al. 2020, "From
-Variational to Deterministic Autoencoders") closes most of that gap. The mixture is stored as plain tensors
-(weights, means, Cholesky factors) so the checkpoint still loads with weights_only=True, and `sample_prior` draws
-from it with torch alone.
+Variational to Deterministic Autoencoders") closes most of that gap.
+
+Here: the density (plain tensors: weights, means, Cholesky factors, so a checkpoint holding it still loads with
+weights_only=True), its fit (`fit_gmm_prior`), its check (`check_prior`), its sampler (`sample_prior`, `draw_z`) and
+the callback that fits it when training ends (`FitPrior`). The model only holds the density (`CVAE.fitted_prior`,
+saved as the checkpoint's "fitted_prior") and calls these functions.
 """
 from __future__ import annotations
 
@@ -13,29 +16,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from pytorch_lightning.callbacks import Callback
 
-PRIOR_KINDS = ("per-class", "global")
-
-
-@torch.no_grad()
-def posterior_means(model, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 2_000) -> torch.Tensor:
-    """Mean of q(z | x, y) for every image, in eval mode: (N, latent_dim) on the CPU.
-
-    images: floats in [0, 1], or raw uint8 pixels (0..255), which are scaled batch by batch as training scaled them
-    (so the 55k training images never exist as one float tensor)."""
-    from dataset import to_float_images
-
-    was_training = model.training
-    model.eval()
-    try:
-        means = []
-        for i in range(0, len(images), batch_size):
-            x = images[i:i + batch_size]
-            x = to_float_images(x) if x.dtype == torch.uint8 else x
-            means.append(model.encode(x.to(model.device), labels[i:i + batch_size].to(model.device))[0].float().cpu())
-        return torch.cat(means)
-    finally:
-        model.train(was_training)
+PRIORS = ("standard", "fitted")          # where `CVAE.sample` draws z from: N(0, I), or the fitted mixture
+MIXTURE_KINDS = ("per-class", "global")  # a fitted mixture per digit, or one for all digits (train.py --prior)
 
 
 REG_COVAR = 1e-5  # added to every covariance's diagonal, so a nearly flat cluster still has a valid Cholesky factor
@@ -49,8 +33,8 @@ def fit_gmm_prior(z: torch.Tensor, labels: torch.Tensor, num_classes: int, kind:
     A single component is the codes' mean and (maximum-likelihood) covariance, which is where EM lands; more
     components are fitted by scikit-learn's EM. Both add REG_COVAR to the diagonal, as scikit-learn does.
     """
-    if kind not in PRIOR_KINDS:
-        raise ValueError(f"prior kind must be one of {PRIOR_KINDS}, got {kind!r}")
+    if kind not in MIXTURE_KINDS:
+        raise ValueError(f"prior kind must be one of {MIXTURE_KINDS}, got {kind!r}")
     z_np, y_np = z.double().numpy(), labels.cpu().numpy()
     groups = [z_np[y_np == c] for c in range(num_classes)] if kind == "per-class" else [z_np]
     weights, means, tril = [], [], []
@@ -59,7 +43,7 @@ def fit_gmm_prior(z: torch.Tensor, labels: torch.Tensor, num_classes: int, kind:
             raise ValueError(f"too few codes ({len(group)}) to fit {n_components} components")
         d = group.shape[1]
         if n_components == 1:
-            # Closed form; also keeps scikit-learn (about 50 MB of memory) out of the default train.py run.
+            # Closed form; also keeps scikit-learn's memory out of the default train.py run (bench/README.md).
             weight, mean = np.ones(1), group.mean(axis=0, keepdims=True)
             cov = (np.cov(group, rowvar=False, bias=True).reshape(d, d) + REG_COVAR * np.eye(d))[None]
         else:
@@ -98,15 +82,55 @@ def check_prior(prior: Any, num_classes: int, latent_dim: int) -> None:
         raise ValueError("fitted_prior holds non-finite values or invalid mixture weights")
 
 
-def sample_prior(prior: dict[str, Any], labels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Draw one z per label from a fitted mixture: (N, D), in the prior's dtype, on the CPU.
+def load_prior(prior: Any, num_classes: int, latent_dim: int) -> dict[str, Any] | None:
+    """A checkpoint's "fitted_prior" (or None), checked against the model and moved to the CPU, where the sampler's
+    generator lives, whatever map_location said."""
+    if prior is None:
+        return None
+    check_prior(prior, num_classes, latent_dim)
+    return {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in prior.items()}
 
-    prior["weights"] (C, K), prior["means"] (C, K, D), prior["scale_tril"] (C, K, D, D): one mixture per class
-    (C = num_classes) or one shared mixture (C = 1). z = mean + L eps with L the lower Cholesky factor, so
-    cov(z) = L L^T, the fitted covariance.
-    """
+
+def sample_prior(prior: dict[str, Any], labels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Draw one z per label from a fitted mixture: (N, D), in the prior's dtype, on the CPU. z = mean + L eps, so
+    cov(z) = L L^T, the fitted covariance."""
+    # (C, K), (C, K, D), (C, K, D, D): one mixture of K components per class, or C = 1 shared by all digits
     weights, means, scale_tril = prior["weights"], prior["means"], prior["scale_tril"]
     rows = labels if weights.shape[0] > 1 else torch.zeros_like(labels)
     comp = torch.multinomial(weights[rows], 1, generator=generator).squeeze(1)  # (N,) component of each draw
     eps = torch.randn(len(labels), means.shape[-1], 1, generator=generator, dtype=means.dtype)  # (N, D, 1)
     return means[rows, comp] + (scale_tril[rows, comp] @ eps).squeeze(-1)
+
+
+def resolve_prior(name: str, fitted: dict[str, Any] | None) -> str:
+    """Map "auto" to "fitted" when there is a fitted prior, else "standard"; reject unknown names and a missing fitted
+    prior."""
+    if name == "auto":
+        return "fitted" if fitted is not None else "standard"
+    if name not in PRIORS:
+        raise ValueError(f"prior must be one of {('auto',) + PRIORS}, got {name!r}")
+    if name == "fitted" and fitted is None:
+        raise ValueError("this model has no fitted prior (train.py fits one unless --prior none)")
+    return name
+
+
+def draw_z(name: str, fitted: dict[str, Any] | None, labels: torch.Tensor, latent_dim: int,
+           generator: torch.Generator | None = None) -> torch.Tensor:
+    """One z per label (N,) from the prior `name` ("auto", "standard" or "fitted"): (N, latent_dim) on the CPU."""
+    if resolve_prior(name, fitted) == "standard":
+        return torch.randn(len(labels), latent_dim, generator=generator)
+    return sample_prior(fitted, labels.cpu(), generator)
+
+
+class FitPrior(Callback):
+    """When fit ends (also when a resumed run had no epochs left), fit the sampling prior to the posterior means of
+    the training images; the final checkpoint stores it."""
+
+    def __init__(self, kind: str, components: int, seed: int) -> None:
+        self.kind, self.components, self.seed = kind, components, seed
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        train_set = trainer.datamodule.splits["train"]
+        z = pl_module.posterior_means(train_set.pixels, train_set.labels)
+        pl_module.fitted_prior = fit_gmm_prior(z, train_set.labels.cpu(), pl_module.hparams.num_classes, self.kind,
+                                               self.components, seed=self.seed)

@@ -24,13 +24,14 @@ from typing import Any
 import numpy as np
 import torch
 from torch.distributions import Normal
+from torchvision.utils import make_grid
 
 from checkpoint import CheckpointError, load_cvae
 from classifier import JUDGE_FILE, DigitCNN, features_and_predictions, fid, load_judge
-from dataset import IMAGE_SIZE, DataError, has_raw_files, load_split, to_float_images
-from cli import ArgParser, UsageError, bounded, check_output_file, fail
-from model import elbo_loss, kl_per_dim, squared_error
-from prior import posterior_means
+from dataset import DEFAULT_DATA_DIR, IMAGE_SIZE, DataError, has_raw_files, load_split, to_float_images
+from cli import DEFAULT_CKPT, DEFAULT_RUN_DIR, ArgParser, UsageError, bounded, check_output_file, fail
+from model import (elbo_loss, eval_mode, gaussian_nll_constant, kl_per_dim, metric_name, metric_names,
+                   squared_error)
 
 DPI = 100
 # Figure sizes in inches; the PNGs are exactly these times DPI pixels (no tight bounding box), so tests can check them.
@@ -42,10 +43,8 @@ FIGSIZES = {
     "analogies.png": (8.0, 6.7),
     "training_curves.png": (10.0, 4.2),
 }
-# -log N(x; x_hat, 1/2) summed over an image's pixels is the squared error plus (pixels / 2) ln(pi): the training
-# loss's "recon" is a negative log-likelihood in nats up to this constant (model.squared_error).
-GAUSSIAN_CONSTANT = IMAGE_SIZE ** 2 / 2 * math.log(math.pi)  # 392 ln(pi) = 448.73 nats per MNIST image
-IW_SAMPLES = 100  # default k: the whole test set in about 20 s on one CPU core
+GAUSSIAN_CONSTANT = gaussian_nll_constant(IMAGE_SIZE ** 2)  # loss units + this = nats (392 ln(pi) per image)
+IW_SAMPLES = 100  # default k: a tight bound that still takes seconds, not minutes, on a CPU (bench/README.md)
 MANIFOLD_QUANTILES = (0.05, 0.95)
 SCATTER_CAPTION = ("In a CVAE the decoder is given the label, so z need not encode which digit it is: the classes "
                    "overlap by design,\nand z carries the style (slant, width, stroke) shared across digits.")
@@ -67,21 +66,21 @@ def elbo_terms(model, images: torch.Tensor, labels: torch.Tensor, seed: int = 0,
     train.py's test step computes it; eps (N, latent_dim) is drawn at once, in test-set order, from a generator
     seeded with `seed`, so the numbers repeat exactly.
     """
-    model.eval()
     dev, beta = model.device, model.hparams.kl_weight
     eps = torch.randn(len(images), model.hparams.latent_dim, generator=torch.Generator().manual_seed(seed))
     recon_sum = kl_sum = recon_mean_z_sum = 0.0
     kl_dims = torch.zeros(model.hparams.latent_dim, dtype=torch.float64)
-    for i in range(0, len(images), batch_size):
-        x = images[i:i + batch_size].to(dev).flatten(1)
-        y = labels[i:i + batch_size].to(dev)
-        mean, logvar = model.encode(x, y)
-        z = model.reparameterize(mean, logvar, eps[i:i + batch_size].to(dev))
-        _, recon, kl = elbo_loss(model.decode(z, y), x, mean, logvar, beta)  # batch means
-        recon_sum += recon.item() * len(x)
-        kl_sum += kl.item() * len(x)
-        recon_mean_z_sum += squared_error(model.decode(mean, y), x).sum().item()
-        kl_dims += kl_per_dim(mean, logvar).double().sum(dim=0).cpu()
+    with eval_mode(model):
+        for i in range(0, len(images), batch_size):
+            x = images[i:i + batch_size].to(dev).flatten(1)
+            y = labels[i:i + batch_size].to(dev)
+            mean, logvar = model.encode(x, y)
+            z = model.reparameterize(mean, logvar, eps[i:i + batch_size].to(dev))
+            _, recon, kl = elbo_loss(model.decode(z, y), x, mean, logvar, beta)  # batch means
+            recon_sum += recon.item() * len(x)
+            kl_sum += kl.item() * len(x)
+            recon_mean_z_sum += squared_error(model.decode(mean, y), x).sum().item()
+            kl_dims += kl_per_dim(mean, logvar).double().sum(dim=0).cpu()
     n, pixels = len(images), images[0].numel()
     recon, kl = recon_sum / n, kl_sum / n
     return {
@@ -100,21 +99,21 @@ def elbo_terms(model, images: torch.Tensor, labels: torch.Tensor, seed: int = 0,
 @torch.no_grad()
 def reconstruct(model, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 2_000) -> torch.Tensor:
     """Decode each image's posterior mean under its own label, eval mode: (N, 1, 28, 28) on the CPU."""
-    z = posterior_means(model, images, labels)
-    model.eval()
+    z = model.posterior_means(images, labels)
     side = model.hparams.image_size
-    return torch.cat([model.decode(z[i:i + batch_size], labels[i:i + batch_size]).cpu()
-                      for i in range(0, len(z), batch_size)]).reshape(-1, 1, side, side)
+    with eval_mode(model):
+        return torch.cat([model.decode(z[i:i + batch_size], labels[i:i + batch_size]).cpu()
+                          for i in range(0, len(z), batch_size)]).reshape(-1, 1, side, side)
 
 
 @torch.no_grad()
 def analogies(model, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Encode each image under its own label (posterior mean) and decode that one z under every label:
     (N, num_classes, 28, 28), row i = one handwriting style written as each digit."""
-    model.eval()
     k, side = model.hparams.num_classes, model.hparams.image_size
-    z = posterior_means(model, images, labels).to(model.device)  # (N, latent_dim)
-    out = model.decode(z.repeat_interleave(k, dim=0), torch.arange(k).repeat(len(z)))  # (N * k, 784)
+    z = model.posterior_means(images, labels).to(model.device)  # (N, latent_dim)
+    with eval_mode(model):
+        out = model.decode(z.repeat_interleave(k, dim=0), torch.arange(k).repeat(len(z)))  # (N * k, 784)
     return out.cpu().reshape(len(z), k, side, side)
 
 
@@ -125,7 +124,6 @@ def manifold(model, steps: int = 15) -> tuple[torch.Tensor, torch.Tensor]:
 
     Returns (images (num_classes, rows, steps, 28, 28), quantile values (steps,)); rows = 1 when latent_dim is 1.
     """
-    model.eval()
     k, d, side = model.hparams.num_classes, model.hparams.latent_dim, model.hparams.image_size
     q = torch.special.ndtri(torch.linspace(*MANIFOLD_QUANTILES, steps, dtype=torch.float64)).float()
     rows = steps if d >= 2 else 1
@@ -134,7 +132,8 @@ def manifold(model, steps: int = 15) -> tuple[torch.Tensor, torch.Tensor]:
     if d >= 2:
         z[..., 1] = q.flip(0)[:, None]  # top row = largest z2, as on a plot's y axis
     z = z.reshape(-1, d)
-    images = torch.stack([model.decode(z, torch.full((len(z),), digit)).cpu() for digit in range(k)])
+    with eval_mode(model):
+        images = torch.stack([model.decode(z, torch.full((len(z),), digit)).cpu() for digit in range(k)])
     return images.reshape(k, rows, steps, side, side), q
 
 
@@ -161,45 +160,56 @@ def iw_bound(model, images: torch.Tensor, labels: torch.Tensor, k: int, seed: in
     squared error, so add GAUSSIAN_CONSTANT for nats. k = 1 is a one-sample ELBO; the bound tightens as k grows.
     Noise comes from a generator seeded with `seed`, in test-set order, so the numbers repeat. Returns (N,) on the CPU.
     """
-    model.eval()
     dev, d = model.device, model.hparams.latent_dim
     gen = torch.Generator().manual_seed(seed)
     out = []
-    for i in range(0, len(images), batch_size):
-        x = images[i:i + batch_size].to(dev).flatten(1)  # (B, 784)
-        y = labels[i:i + batch_size].to(dev)
-        mean, logvar = model.encode(x, y)  # (B, d)
-        eps = torch.randn(k, len(x), d, generator=gen).to(dev)
-        z = model.reparameterize(mean, logvar, eps)  # (k, B, d)
-        log_px = -squared_error(model.decode(z.reshape(-1, d), y.repeat(k)), x.repeat(k, 1)).reshape(k, len(x))
-        log_pz = Normal(0.0, 1.0).log_prob(z).sum(-1)
-        log_qz = Normal(mean, torch.exp(0.5 * logvar)).log_prob(z).sum(-1)
-        log_w = log_px + log_pz - log_qz  # (k, B) log importance weights
-        out.append(-(torch.logsumexp(log_w, dim=0) - math.log(k)).cpu())
+    with eval_mode(model):
+        for i in range(0, len(images), batch_size):
+            x = images[i:i + batch_size].to(dev).flatten(1)  # (B, 784)
+            y = labels[i:i + batch_size].to(dev)
+            mean, logvar = model.encode(x, y)  # (B, d)
+            eps = torch.randn(k, len(x), d, generator=gen).to(dev)
+            z = model.reparameterize(mean, logvar, eps)  # (k, B, d)
+            log_px = -squared_error(model.decode(z.reshape(-1, d), y.repeat(k)), x.repeat(k, 1)).reshape(k, len(x))
+            log_pz = Normal(0.0, 1.0).log_prob(z).sum(-1)
+            log_qz = Normal(mean, torch.exp(0.5 * logvar)).log_prob(z).sum(-1)
+            log_w = log_px + log_pz - log_qz  # (k, B) log importance weights
+            out.append(-(torch.logsumexp(log_w, dim=0) - math.log(k)).cpu())
     return torch.cat(out)
 
 
 def evaluate(model, data_dir: str | Path, samples_per_digit: int = 1_000, seed: int = 0,
              iw_samples: int = IW_SAMPLES, judge: DigitCNN | None = None) -> dict[str, Any]:
-    """Every number test.py reports, for one model, as a JSON-ready dict:
-
-    test: the ELBO terms per image on the 10k test images (see elbo_terms) and MSE per pixel;
-    likelihood: the negative ELBO and the importance-weighted bound with `iw_samples` samples (iw_bound), per image,
-        in loss units and in nats;
-    generation[prior]: for each prior the model has ("standard", and "fitted" when present), the share of
-        samples_per_digit samples per digit the judge reads as the requested digit (overall and per digit), and
-        their FID against the test set;
-    reconstruction_fid: FID of the test images' reconstructions (posterior mean, eval mode) against the test set, a
-        floor for the sample FID;
-    prior_used: the prior samples.png and the headline numbers use ("auto": fitted when present).
-
-    FID and accuracy come from `judge` (default: the shipped weights, classifier.load_judge()).
+    """Every number test.py reports, for one model, as a JSON-ready dict: "test" (elbo_terms on the 10k test
+    images), "likelihood" (likelihood_metrics), "generation" (generation_metrics, per prior), "reconstruction_fid"
+    (the test images' reconstructions against the test set, a floor for the sample FID) and "prior_used" (the prior
+    samples.png and the headline numbers use). FID and accuracy come from `judge` (default: the shipped weights).
     """
-    model.eval()
     if judge is None:
         judge, _ = load_judge(device=model.device)
     images, labels = load_test_set(data_dir)
     test_feats, test_preds = features_and_predictions(judge, images)
+    generation = generation_metrics(model, judge, test_feats, samples_per_digit, seed)
+    recon_feats, _ = features_and_predictions(judge, reconstruct(model, images, labels))
+    terms = elbo_terms(model, images, labels, seed)
+    return {
+        "seed": seed,
+        "model": {"latent_dim": model.hparams.latent_dim, "kl_weight": model.hparams.kl_weight,
+                  "fitted_prior": None if model.fitted_prior is None else model.fitted_prior.get("kind", "mixture")},
+        "prior_used": model.resolve_prior("auto"),
+        "classifier": {"test_accuracy": (test_preds == labels).double().mean().item(),
+                       "features": f"DigitCNN penultimate layer ({test_feats.shape[1]}-d), FID in float64"},
+        "test": terms,
+        "likelihood": likelihood_metrics(model, images, labels, terms, iw_samples, seed),
+        "generation": generation,
+        "reconstruction_fid": fid(recon_feats, test_feats),
+    }
+
+
+def generation_metrics(model, judge: DigitCNN, test_feats: torch.Tensor, samples_per_digit: int, seed: int
+                       ) -> dict[str, dict[str, Any]]:
+    """For each prior the model has ("standard", and "fitted" when present): how often the judge reads a sample as
+    the requested digit (overall and per digit), and the samples' FID against the test set's features."""
     k = model.hparams.num_classes
     generation = {}
     for prior in ("standard", "fitted") if model.fitted_prior is not None else ("standard",):
@@ -212,29 +222,23 @@ def evaluate(model, data_dir: str | Path, samples_per_digit: int = 1_000, seed: 
             "per_digit": [hits[wanted == c].mean().item() for c in range(k)],
             "fid": fid(feats, test_feats),
         }
-    recon_feats, _ = features_and_predictions(judge, reconstruct(model, images, labels))
-    terms = elbo_terms(model, images, labels, seed)
+    return generation
+
+
+def likelihood_metrics(model, images: torch.Tensor, labels: torch.Tensor, terms: dict[str, Any], iw_samples: int,
+                       seed: int) -> dict[str, Any]:
+    """The negative ELBO (from elbo_terms' `terms`) and the importance-weighted bound (iw_bound), per image, in loss
+    units and in nats."""
     neg_elbo = terms["recon_per_image"] + terms["kl_per_image"]  # the ELBO itself, whatever kl_weight trained it
     iw = iw_bound(model, images, labels, iw_samples, seed).mean().item()
     return {
-        "seed": seed,
-        "model": {"latent_dim": model.hparams.latent_dim, "kl_weight": model.hparams.kl_weight,
-                  "fitted_prior": None if model.fitted_prior is None else model.fitted_prior.get("kind", "mixture")},
-        "prior_used": model.resolve_prior("auto"),
-        "classifier": {"test_accuracy": (test_preds == labels).double().mean().item(),
-                       "features": f"DigitCNN penultimate layer ({test_feats.shape[1]}-d), FID in float64"},
-        "test": terms,
-        "likelihood": {
-            "units": f"loss units: -log p(x | y) with the summed squared error as -log p(x | z, y); "
-                     f"nats: plus 392 ln(pi) = {GAUSSIAN_CONSTANT:.2f} (a Gaussian decoder with variance 1/2)",
-            "neg_elbo_per_image": neg_elbo,
-            "iw_samples": iw_samples,
-            "iw_bound_per_image": iw,
-            "neg_elbo_nats_per_image": neg_elbo + GAUSSIAN_CONSTANT,
-            "iw_bound_nats_per_image": iw + GAUSSIAN_CONSTANT,
-        },
-        "generation": generation,
-        "reconstruction_fid": fid(recon_feats, test_feats),
+        "units": f"loss units: -log p(x | y) with the summed squared error as -log p(x | z, y); "
+                 f"nats: plus 392 ln(pi) = {GAUSSIAN_CONSTANT:.2f} (a Gaussian decoder with variance 1/2)",
+        "neg_elbo_per_image": neg_elbo,
+        "iw_samples": iw_samples,
+        "iw_bound_per_image": iw,
+        "neg_elbo_nats_per_image": neg_elbo + GAUSSIAN_CONSTANT,
+        "iw_bound_nats_per_image": iw + GAUSSIAN_CONSTANT,
     }
 
 
@@ -269,7 +273,7 @@ def metrics_table(m: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-CURVES = ("train_recon", "val_recon", "train_kl", "val_kl")
+CURVES = metric_names("train", "val")  # the epoch means train.py logs
 
 
 def read_training_log(run_dir: str | Path) -> dict[str, dict[int, float]]:
@@ -295,15 +299,12 @@ def read_training_log(run_dir: str | Path) -> dict[str, dict[int, float]]:
 
 
 # ----- figures ------------------------------------------------------------------------------------------------------
-def tile(images: torch.Tensor | np.ndarray, pad: int = 2, pad_value: float = 1.0) -> np.ndarray:
-    """(R, C, H, W) images -> one (R*H + (R-1)*pad, C*W + (C-1)*pad) array with `pad_value` lines between tiles."""
-    a = np.asarray(images, dtype=np.float32)
-    r, c, h, w = a.shape
-    out = np.full((r * (h + pad) - pad, c * (w + pad) - pad), pad_value, dtype=np.float32)
-    for i in range(r):
-        for j in range(c):
-            out[i * (h + pad):i * (h + pad) + h, j * (w + pad):j * (w + pad) + w] = a[i, j]
-    return out
+def tile(images: torch.Tensor, pad: int = 2) -> np.ndarray:
+    """(R, C, H, W) images -> one (R*H + (R-1)*pad, C*W + (C-1)*pad) array with white lines between the tiles:
+    torchvision's make_grid, less the white frame it draws around the whole grid."""
+    r, c, h, w = images.shape
+    grid = make_grid(images.reshape(r * c, 1, h, w), nrow=c, padding=pad, pad_value=1.0)[0]  # (3, ...) -> one channel
+    return grid[pad:grid.shape[0] - pad, pad:grid.shape[1] - pad].numpy() if r * c > 1 else grid.numpy()
 
 
 def tile_centres(n: int, size: int, pad: int = 2) -> list[float]:
@@ -382,7 +383,7 @@ def plot_latent_scatter(model, images: torch.Tensor, labels: torch.Tensor, out_d
     from matplotlib import colormaps
     from matplotlib.patches import Circle
 
-    z = posterior_means(model, images, labels).numpy()
+    z = model.posterior_means(images, labels).numpy()
     d, k = z.shape[1], model.hparams.num_classes
     fig = new_figure("latent_scatter.png")
     ax = fig.add_axes((0.11, 0.17, 0.85, 0.74))
@@ -468,7 +469,7 @@ def plot_training_curves(curves: dict[str, dict[int, float]], warmup_epochs: flo
             ax.axvspan(0, warmup_epochs, color="tab:orange", alpha=0.15, lw=0,
                        label=f"KL warm-up: beta 0 -> 1 over {warmup_epochs:g} epochs")
         for stage, style in (("train", "-o"), ("val", "--s")):
-            points = sorted(curves.get(f"{stage}_{term}", {}).items())
+            points = sorted(curves.get(metric_name(stage, term), {}).items())
             if points:
                 epochs, values = zip(*points)
                 ax.plot([e + 1 for e in epochs], values, style, ms=4, label="train" if stage == "train" else
@@ -487,20 +488,20 @@ def plot_training_curves(curves: dict[str, dict[int, float]], warmup_epochs: flo
 # ----- command line -------------------------------------------------------------------------------------------------
 def build_parser() -> ArgParser:
     p = ArgParser(description="Evaluate a trained CVAE on the MNIST test set and write figures and metrics.json.")
-    p.add_argument("--ckpt", type=Path, default=Path("cvae.ckpt"), help="checkpoint written by train.py")
+    p.add_argument("--ckpt", type=Path, default=DEFAULT_CKPT, help="checkpoint written by train.py")
     p.add_argument("--out-dir", type=Path, default=Path("results"), help="where the figures and metrics.json go")
-    p.add_argument("--data-dir", type=Path, default=Path("data"), help="where MNIST is")
+    p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR, help="where MNIST is")
     p.add_argument("--seed", type=bounded(int, 0), default=0, help="seed for samples and the test ELBO's z draws")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1, mps")
-    # One thread by default: the batches here are small, and on a shared 2-core machine two torch threads waiting on
-    # each other made the evaluation 2.5x slower than one.
+    # One thread by default: the batches here are small, and on a shared machine two torch threads wait on each other
+    # (bench/README.md).
     p.add_argument("--num-threads", type=bounded(int, 1), default=1, help="CPU threads for torch")
     p.add_argument("--samples-per-digit", type=bounded(int, 2), default=1_000,
                    help="prior samples per digit for conditional accuracy and FID")
     p.add_argument("--manifold-steps", type=bounded(int, 2, 50), default=15, help="grid size of each manifold panel")
     p.add_argument("--iw-samples", type=bounded(int, 1, 10_000), default=IW_SAMPLES,
                    help="k of the importance-weighted likelihood bound (samples of z per test image)")
-    p.add_argument("--run-dir", type=Path, default=Path("runs/cvae"),
+    p.add_argument("--run-dir", type=Path, default=DEFAULT_RUN_DIR,
                    help="train.py's --run-dir of this checkpoint, for training_curves.png")
     p.add_argument("--judge", type=Path, default=None,
                    help="digit classifier weights for FID and accuracy (default: the shipped weights/digit_cnn.pt, "

@@ -22,10 +22,10 @@ from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from torchvision.utils import make_grid
 
 from checkpoint import AtomicCheckpointIO, CheckpointError, safe_torch_load
-from cli import ArgParser, UsageError, bounded, check_data_dir, check_output_file, fail
-from dataset import DataError, MNISTDataModule
-from model import CVAE, OPTIMISATION
-from prior import PRIOR_KINDS, fit_gmm_prior, posterior_means
+from cli import DEFAULT_CKPT, DEFAULT_RUN_DIR, ArgParser, UsageError, bounded, check_data_dir, check_output_file, fail
+from dataset import DEFAULT_DATA_DIR, TRAIN_SIZE, DataError, MNISTDataModule
+from model import CVAE, metric_names
+from prior import MIXTURE_KINDS, FitPrior
 
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")
 
@@ -42,7 +42,7 @@ def build_parser() -> ArgParser:
                    help="ramp beta linearly from 0 over this many epochs, per step (0 = off)")
     g.add_argument("--free-bits", type=bounded(float, 0), default=0.0,
                    help="minimum KL per latent dimension in nats, in the training objective (0 = off)")
-    g.add_argument("--prior", choices=(*PRIOR_KINDS, "none"), default="per-class",
+    g.add_argument("--prior", choices=(*MIXTURE_KINDS, "none"), default="per-class",
                    help="after training, fit a Gaussian mixture to the training codes for sampling "
                         "(per digit, or one for all digits)")
     g.add_argument("--prior-components", type=bounded(int, 1), default=1, help="mixture components of that prior")
@@ -52,14 +52,14 @@ def build_parser() -> ArgParser:
     g.add_argument("--lr", type=bounded(float, 0, low_open=True), default=1e-3, help="Adam learning rate")
     g.add_argument("--seed", type=bounded(int, 0), default=0, help="random seed (weights, split, shuffling)")
     g = p.add_argument_group("data")
-    g.add_argument("--data-dir", type=Path, default=Path("data"), help="where MNIST is (or is written)")
-    g.add_argument("--val-size", type=bounded(int, 1, 59_999), default=5_000,
+    g.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR, help="where MNIST is (or is written)")
+    g.add_argument("--val-size", type=bounded(int, 1, TRAIN_SIZE - 1), default=5_000,
                    help="validation images held out of the 60k training set")
     g.add_argument("--train-size", type=bounded(int, 1), default=None,
                    help="use only this many training images (quick experiments)")
     g = p.add_argument_group("output")
-    g.add_argument("--ckpt", type=Path, default=Path("cvae.ckpt"), help="final checkpoint")
-    g.add_argument("--run-dir", type=Path, default=Path("runs/cvae"),
+    g.add_argument("--ckpt", type=Path, default=DEFAULT_CKPT, help="final checkpoint")
+    g.add_argument("--run-dir", type=Path, default=DEFAULT_RUN_DIR,
                    help="per-epoch checkpoint (checkpoints/last.ckpt) and logs (CSV, TensorBoard)")
     g.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoints/last.ckpt")
     g = p.add_argument_group("hardware (passed to the Lightning Trainer)")
@@ -86,9 +86,9 @@ def parse_args(argv: list[str] | None = None):
     try:
         check_data_dir(args.data_dir)
         check_output_file(args.ckpt, "checkpoint")
-        check_output_file(args.run_dir / "checkpoints" / "last.ckpt", "run dir")
-        if args.train_size is not None and args.train_size > 60_000 - args.val_size:
-            raise UsageError(f"--train-size {args.train_size} exceeds the {60_000 - args.val_size} training images "
+        check_output_file(last_checkpoint(args.run_dir), "run dir")
+        if args.train_size is not None and args.train_size > TRAIN_SIZE - args.val_size:
+            raise UsageError(f"--train-size {args.train_size} exceeds the {TRAIN_SIZE - args.val_size} training images "
                              f"left after --val-size {args.val_size}")
         if args.resume and not last_checkpoint(args.run_dir).is_file():
             raise UsageError(f"--resume: no checkpoint at {last_checkpoint(args.run_dir)}; "
@@ -98,11 +98,9 @@ def parse_args(argv: list[str] | None = None):
     return args
 
 
-LAST_NAME = "last"  # RUN_DIR/checkpoints/last.ckpt
-
-
 def last_checkpoint(run_dir: Path) -> Path:
-    return run_dir / "checkpoints" / f"{LAST_NAME}.ckpt"
+    """The per-epoch checkpoint of a run, the one --resume continues from."""
+    return run_dir / "checkpoints" / "last.ckpt"
 
 
 def check_resumable(checkpoint: dict, model, path: Path) -> None:
@@ -111,9 +109,6 @@ def check_resumable(checkpoint: dict, model, path: Path) -> None:
     if not {"epoch", "loops", "optimizer_states"} <= checkpoint.keys():
         raise CheckpointError(f"{path} holds no training state (epoch, loops, optimizer); only a per-epoch "
                               f"checkpoint written by train.py can be resumed")
-    if checkpoint.get("optimisation") != OPTIMISATION:
-        raise CheckpointError(f"{path} was written by an older train.py, whose step count this one would restart "
-                              f"(and the KL warm-up with it); start a new run")
     saved = checkpoint.get("hyper_parameters")
     saved = saved if isinstance(saved, dict) else {}
     differ = [f"{name} {saved.get(name)!r} in the checkpoint, {value!r} now" for name, value in model.hparams.items()
@@ -163,8 +158,7 @@ class EpochSummary(Callback):
             return
         (epoch, seconds), self.ended = self.ended, None
         m = trainer.callback_metrics
-        parts = [f"{name} {float(m[name]):.2f}" for name in ("train_loss", "train_recon", "train_kl",
-                                                             "val_loss", "val_recon", "val_kl") if name in m]
+        parts = [f"{name} {float(m[name]):.2f}" for name in metric_names("train", "val") if name in m]
         print(f"epoch {epoch + 1}/{trainer.max_epochs}: {', '.join(parts)} ({seconds:.2f}s)", flush=True)
 
 
@@ -188,20 +182,6 @@ class SampleGrid(Callback):
         tensorboard.save()  # flushed now: ModelCheckpoint, the last callback to run, then saves the epoch
 
 
-class FitPrior(Callback):
-    """When fit ends (also when a resumed run had no epochs left), fit the sampling prior (prior.py) to the posterior
-    means of the training images; the final checkpoint stores it."""
-
-    def __init__(self, kind: str, components: int, seed: int) -> None:
-        self.kind, self.components, self.seed = kind, components, seed
-
-    def on_fit_end(self, trainer, pl_module) -> None:
-        train_set = trainer.datamodule.splits["train"]
-        z = posterior_means(pl_module, train_set.pixels, train_set.labels)
-        pl_module.fitted_prior = fit_gmm_prior(z, train_set.labels.cpu(), pl_module.hparams.num_classes, self.kind,
-                                               self.components, seed=self.seed)
-
-
 def build_loggers(run_dir: Path) -> list:
     """A CSV log and TensorBoard event files side by side in RUN_DIR/logs/version_N, a new N for each process (a
     resumed run continues in the next version; test.py joins them into one curve)."""
@@ -213,7 +193,8 @@ def build_loggers(run_dir: Path) -> list:
 def build_trainer(args, callbacks: list[Callback] | None = None) -> pl.Trainer:
     # Every epoch overwrites checkpoints/last.ckpt (the one "top-k" file, no monitor). save_last=True with
     # save_top_k=0 would not do: Lightning 2.6 then writes last.ckpt only when training ends, too late to resume.
-    checkpoint = ModelCheckpoint(dirpath=args.run_dir / "checkpoints", filename=LAST_NAME, save_top_k=1,
+    last = last_checkpoint(args.run_dir)
+    checkpoint = ModelCheckpoint(dirpath=last.parent, filename=last.stem, save_top_k=1,
                                  enable_version_counter=False)
     # The bar is redrawn at every refresh; every 50 steps is still several times a second.
     progress = [] if args.no_progress else [TQDMProgressBar(refresh_rate=50)]
@@ -304,15 +285,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def finish(trainer: pl.Trainer, model: CVAE, data: MNISTDataModule, args) -> None:
-    """After training (and the prior fit, see FitPrior): report the test metrics and write the final checkpoint."""
+    """After training (and the prior fit, prior.FitPrior): report the test metrics and write the final checkpoint."""
     # The test terms go to TensorBoard only: new columns make Lightning's CSVLogger rewrite metrics.csv in place,
     # and a crash in the middle of that rewrite would lose the whole training log.
     trainer.loggers = [lg for lg in trainer.loggers if not isinstance(lg, CSVLogger)]
     trainer.test(model, datamodule=data, verbose=False)
     if trainer.is_global_zero:
-        m = trainer.callback_metrics
-        print(f"test: loss {float(m['test_loss']):.2f}, recon {float(m['test_recon']):.2f} "
-              f"(MSE per pixel {float(m['test_recon']) / model.image_dim:.4f}), kl {float(m['test_kl']):.2f}")
+        loss, recon, kl = (float(trainer.callback_metrics[name]) for name in metric_names("test"))
+        print(f"test: loss {loss:.2f}, recon {recon:.2f} (MSE per pixel {recon / model.image_dim:.4f}), kl {kl:.2f}")
     # Model weights, hyper-parameters and the fitted prior; no optimizer state (resume uses last.ckpt).
     trainer.save_checkpoint(args.ckpt, weights_only=True)  # atomic (AtomicCheckpointIO); rank 0 writes
     if trainer.is_global_zero:

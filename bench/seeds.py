@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -25,74 +26,135 @@ sys.path.insert(0, str(ROOT))
 PRIOR_VARIANTS = (("per-class", 1), ("per-class", 3), ("global", 1), ("global", 10))
 
 
-def main() -> None:
+class SeedRow(NamedTuple):
+    """One seed's checkpoint, judged by test.py's evaluate()."""
+
+    seed: int
+    train_s: float     # the whole `python train.py` process; NaN for a reused checkpoint
+    kl: float          # test KL per image, nats
+    kl_dims: list[float]
+    mse: float         # per pixel, z = posterior mean
+    neg_elbo: float    # per image, loss units
+    iw_bound: float    # importance-weighted, k = 100, loss units
+    prior: str         # the prior the checkpoint samples from
+    accuracy: float    # conditional accuracy with that prior
+    fid: float         # sample FID with that prior
+    recon_fid: float
+    standard_accuracy: float  # the same two with N(0, I)
+    standard_fid: float
+
+    def markdown(self) -> str:
+        dims = ", ".join(f"{d:.2f}" for d in self.kl_dims)
+        return (f"| {self.seed} | {self.train_s:.1f} | {self.kl:.2f} | {dims} | {self.mse:.4f} | {self.neg_elbo:.2f} "
+                f"| {self.iw_bound:.2f} | {self.prior} | {100 * self.accuracy:.2f}% | {self.fid:.1f} "
+                f"| {self.recon_fid:.1f} | {100 * (self.fid / self.recon_fid - 1):+.1f}% "
+                f"| {100 * self.standard_accuracy:.2f}% | {self.standard_fid:.1f} |")
+
+
+SEED_HEADER = ("| seed | train.py (s) | KL (nats) | KL per dim | MSE/pixel | -ELBO | IW bound | prior | cond. acc. "
+               "| sample FID | recon FID | FID gap | N(0,I) acc. | N(0,I) FID |\n"
+               "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+
+
+class PriorRow(NamedTuple):
+    """One refitted sampling prior on one seed's checkpoint (--compare-priors)."""
+
+    seed: int
+    name: str
+    accuracy: float
+    fid: float
+    recon_fid: float
+
+    def markdown(self) -> str:
+        return f"| {self.seed} | {self.name} | {100 * self.accuracy:.2f}% | {self.fid:.1f} | {self.recon_fid:.1f} |"
+
+
+PRIOR_HEADER = "| seed | fitted prior | cond. acc. | sample FID | recon FID |\n|---|---|---|---|---|"
+
+
+def parse_args() -> argparse.Namespace:
+    from dataset import DEFAULT_DATA_DIR
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (default: 0 1 2)")
     p.add_argument("--train-args", default="", help="extra flags for train.py (default: none, the default recipe)")
     p.add_argument("--out-dir", type=Path, default=Path("runs/seeds"), help="checkpoints (default: runs/seeds)")
-    p.add_argument("--data-dir", type=Path, default=Path("data"), help="MNIST folder (default: data)")
+    p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR, help="MNIST folder (default: data)")
     p.add_argument("--samples-per-digit", type=int, default=1_000, help="prior samples per digit (default: 1000)")
     p.add_argument("--reuse", action="store_true", help="reuse an existing checkpoint for a seed")
     p.add_argument("--compare-priors", action="store_true", help="also refit and judge other sampling priors")
-    args = p.parse_args()
+    return p.parse_args()
 
+
+def train(seed: int, ckpt: Path, args: argparse.Namespace) -> float:
+    """Run train.py for one seed; returns the whole process's seconds."""
+    cmd = [sys.executable, "train.py", "--seed", str(seed), "--no-progress", "--data-dir", str(args.data_dir),
+           "--ckpt", str(ckpt), "--run-dir", str(args.out_dir / f"run{seed}"), *shlex.split(args.train_args)]
+    print("$", " ".join(cmd), file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - start
+
+
+def seed_row(seed: int, train_s: float, m: dict) -> SeedRow:
+    """The row of one seed from evaluate()'s metrics."""
+    gen, standard = m["generation"][m["prior_used"]], m["generation"]["standard"]
+    return SeedRow(seed, train_s, m["test"]["kl_per_image"], m["test"]["kl_per_dim"],
+                   m["test"]["mse_per_pixel_posterior_mean"], m["likelihood"]["neg_elbo_per_image"],
+                   m["likelihood"]["iw_bound_per_image"], m["prior_used"], gen["conditional_accuracy"], gen["fid"],
+                   m["reconstruction_fid"], standard["conditional_accuracy"], standard["fid"])
+
+
+def compare_priors(model, seed: int, args: argparse.Namespace, judge) -> list[PriorRow]:
+    """Refit each of PRIOR_VARIANTS to the seed's training codes and judge its samples."""
+    from dataset import MNISTDataModule
+    from prior import fit_gmm_prior
+    from test import evaluate
+
+    data = MNISTDataModule(args.data_dir, seed=seed)
+    data.setup()
+    train_set = data.splits["train"]
+    z = model.posterior_means(train_set.pixels, train_set.labels)
+    rows = []
+    for kind, k in PRIOR_VARIANTS:
+        model.fitted_prior = fit_gmm_prior(z, train_set.labels, model.hparams.num_classes, kind, k, seed=seed)
+        g = evaluate(model, args.data_dir, args.samples_per_digit, seed=0, judge=judge)
+        fitted = g["generation"]["fitted"]
+        rows.append(PriorRow(seed, f"{kind}, {k} component{'s' * (k > 1)}", fitted["conditional_accuracy"],
+                             fitted["fid"], g["reconstruction_fid"]))
+    return rows
+
+
+def main() -> None:
+    args = parse_args()
     import torch
 
     from checkpoint import load_cvae
     from classifier import load_judge
-    from dataset import MNISTDataModule
-    from prior import fit_gmm_prior, posterior_means
     from test import evaluate
 
     args.out_dir.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)  # evaluation only; training runs in its own process with its own threads
     judge, _ = load_judge()
-    rows, prior_rows = [], []
+    rows: list[SeedRow] = []
+    prior_rows: list[PriorRow] = []
     for seed in args.seeds:
         ckpt = args.out_dir / f"seed{seed}.ckpt"
-        train_s = float("nan")  # a reused checkpoint has no training time
-        if not (args.reuse and ckpt.is_file()):
-            cmd = [sys.executable, "train.py", "--seed", str(seed), "--no-progress", "--data-dir", str(args.data_dir),
-                   "--ckpt", str(ckpt), "--run-dir", str(args.out_dir / f"run{seed}"), *shlex.split(args.train_args)]
-            print("$", " ".join(cmd), file=sys.stderr, flush=True)
-            start = time.perf_counter()
-            subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
-            train_s = time.perf_counter() - start  # the whole `python train.py` process
+        train_s = float("nan") if args.reuse and ckpt.is_file() else train(seed, ckpt, args)
         model = load_cvae(ckpt)
-        m = evaluate(model, args.data_dir, args.samples_per_digit, seed=0, judge=judge)
-        gen = m["generation"][m["prior_used"]]
-        rows.append((seed, train_s, m["test"]["kl_per_image"], m["test"]["kl_per_dim"],
-                     m["test"]["mse_per_pixel_posterior_mean"], m["likelihood"]["neg_elbo_per_image"],
-                     m["likelihood"]["iw_bound_per_image"], m["prior_used"], gen["conditional_accuracy"],
-                     gen["fid"], m["reconstruction_fid"],
-                     m["generation"]["standard"]["conditional_accuracy"], m["generation"]["standard"]["fid"]))
+        rows.append(seed_row(seed, train_s, evaluate(model, args.data_dir, args.samples_per_digit, seed=0,
+                                                     judge=judge)))
         if args.compare_priors:
-            data = MNISTDataModule(args.data_dir, seed=seed)
-            data.setup()
-            train_set = data.splits["train"]
-            z = posterior_means(model, train_set.pixels, train_set.labels)
-            for kind, k in PRIOR_VARIANTS:
-                model.fitted_prior = fit_gmm_prior(z, train_set.labels, model.hparams.num_classes, kind, k, seed=seed)
-                g = evaluate(model, args.data_dir, args.samples_per_digit, seed=0, judge=judge)
-                prior_rows.append((seed, f"{kind}, {k} component{'s' * (k > 1)}",
-                                   g["generation"]["fitted"]["conditional_accuracy"], g["generation"]["fitted"]["fid"],
-                                   g["reconstruction_fid"]))
+            prior_rows += compare_priors(model, seed, args, judge)
 
     print(f"\ntrain.py {args.train_args or '(defaults)'}; judged by test.py's evaluate()\n")
-    print("| seed | train.py (s) | KL (nats) | KL per dim | MSE/pixel | -ELBO | IW bound | prior | cond. acc. "
-          "| sample FID | recon FID | FID gap | N(0,I) acc. | N(0,I) FID |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for seed, train_s, kl, kl_dims, mse, nelbo, iw, prior, acc, fid, rfid, sacc, sfid in rows:
-        dims = ", ".join(f"{d:.2f}" for d in kl_dims)
-        print(f"| {seed} | {train_s:.1f} | {kl:.2f} | {dims} | {mse:.4f} | {nelbo:.2f} | {iw:.2f} | {prior} "
-              f"| {100 * acc:.2f}% | {fid:.1f} "
-              f"| {rfid:.1f} "
-              f"| {100 * (fid / rfid - 1):+.1f}% | {100 * sacc:.2f}% | {sfid:.1f} |")
+    print(SEED_HEADER)
+    for row in rows:
+        print(row.markdown())
     if prior_rows:
-        print("\n| seed | fitted prior | cond. acc. | sample FID | recon FID |")
-        print("|---|---|---|---|---|")
-        for seed, name, acc, fid, rfid in prior_rows:
-            print(f"| {seed} | {name} | {100 * acc:.2f}% | {fid:.1f} | {rfid:.1f} |")
+        print("\n" + PRIOR_HEADER)
+        for row in prior_rows:
+            print(row.markdown())
 
 
 if __name__ == "__main__":

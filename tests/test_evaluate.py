@@ -17,7 +17,7 @@ import classifier
 from checkpoint import CheckpointError, load_cvae, safe_torch_load
 from classifier import JUDGE_PATH, JUDGE_SHA256, DigitCNN, ClassifierConfig, fid, load_judge, train_classifier
 from dataset import load_split
-from model import elbo_loss, squared_error
+from model import CVAE, elbo_loss, squared_error
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED, PER_DIGIT, STEPS, IW_K = 3, 30, 5, 8
@@ -154,6 +154,21 @@ def test_missing_checkpoint_data_or_judge_gives_one_line_and_nonzero_exit(flag, 
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and hint in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_computations_run_in_eval_mode_and_restore_the_mode(evaluation):
+    """Dropout off while test.py computes (the same numbers twice), and a model in training mode stays in it."""
+    torch.manual_seed(0)
+    model = CVAE().train()
+    images, labels = torch.rand(6, 1, 28, 28), torch.arange(6)
+    for compute in (lambda: evaluation.elbo_terms(model, images, labels)["recon_per_image"],
+                    lambda: evaluation.iw_bound(model, images, labels, k=3),
+                    lambda: evaluation.reconstruct(model, images, labels),
+                    lambda: evaluation.analogies(model, images, labels),
+                    lambda: evaluation.manifold(model, steps=3)[0]):
+        first, second = compute(), compute()
+        assert model.training
+        assert torch.equal(torch.as_tensor(first), torch.as_tensor(second))
 
 
 # ----- what the figures show ------------------------------------------------------------------------------------------

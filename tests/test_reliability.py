@@ -616,7 +616,7 @@ def test_ctrl_c_after_training_says_how_to_finish(where, tmp_path, data_dir, uni
     def ctrl_c(*args, **kwargs):
         raise KeyboardInterrupt
 
-    target = (CVAE, "test_step") if where == "test" else (train, "posterior_means")
+    target = (CVAE, "test_step") if where == "test" else (CVAE, "posterior_means")
     with monkeypatch.context() as patch:
         patch.setattr(*target, ctrl_c)
         code, err = run_main(train, argv, capsys)
@@ -648,12 +648,4 @@ def test_resume_with_other_model_settings_is_refused(tmp_path, data_dir, uninter
     code, err = run_main(train, resume, capsys)
     assert code == 1
     one_line_error(err, "no training state")
-    assert not (tmp_path / "b.ckpt").exists()
-    # One from the train.py before automatic optimisation: Lightning would restart its step count at 0.
-    older = safe_torch_load(train.last_checkpoint(reference.with_name("reference-run")))
-    del older["optimisation"]
-    torch.save(older, train.last_checkpoint(run_dir))
-    code, err = run_main(train, resume, capsys)
-    assert code == 1
-    one_line_error(err, "cannot resume", "older train.py")
     assert not (tmp_path / "b.ckpt").exists()
