@@ -135,7 +135,8 @@ def test_lightning_resume_path_loads_through_the_safe_reader(tmp_path, good_ckpt
     """Even without train.py's check before fit, Trainer.fit(ckpt_path=...) reads through AtomicCheckpointIO."""
     marker = tmp_path / "pwned"
     evil = write_malicious(tmp_path / "evil.ckpt", marker, good_ckpt)
-    args = train.parse_args(["--run-dir", str(tmp_path / "run"), "--ckpt", str(tmp_path / "out.ckpt"), *TINY])
+    args = train.parse_args(["--run-dir", str(tmp_path / "run"), "--ckpt", str(tmp_path / "out.ckpt"),
+                             "--data-dir", str(tmp_path / "data"), *TINY])
     trainer = train.build_trainer(args)
     assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)
     batches = DataLoader([(torch.rand(4, 1, 28, 28), torch.arange(4))], batch_size=None)
@@ -329,7 +330,8 @@ atomic_torch_save({{"state_dict": {{"w": torch.zeros(1000)}}}}, {str(path)!r})
 
 
 def test_lightning_saves_through_a_temporary_in_the_same_folder(tmp_path, monkeypatch):
-    args = train.parse_args(["--run-dir", str(tmp_path / "run"), "--ckpt", str(tmp_path / "out.ckpt"), *TINY])
+    args = train.parse_args(["--run-dir", str(tmp_path / "run"), "--ckpt", str(tmp_path / "out.ckpt"),
+                             "--data-dir", str(tmp_path / "data"), *TINY])
     checkpoint_io = train.build_trainer(args).strategy.checkpoint_io
     renames = []
     real_replace = os.replace
