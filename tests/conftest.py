@@ -1,4 +1,5 @@
-"""Shared fixtures: the real MNIST (prepared once into the repo's data/ folder) and a tiny trained checkpoint."""
+"""Shared fixtures: the real MNIST (the repo's data/, or prepared once in the temporary directory) and tiny trained
+checkpoints."""
 from __future__ import annotations
 
 import os
@@ -7,6 +8,10 @@ import tempfile
 from pathlib import Path
 
 import pytest
+
+# Set before torch loads OpenMP, and inherited by the scripts the tests start: idle OpenMP threads sleep instead of
+# spinning, which on a busy machine (a shared CI runner) slows torch down many times over (bench/README.md).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the scripts are top-level modules, not a package
