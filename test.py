@@ -208,8 +208,8 @@ def generative_classification(model, images: torch.Tensor, labels: torch.Tensor,
     """The CVAE as a Bayes classifier with a uniform p(y): y_hat = argmax over y of log p(x | y), on a class-balanced
     subset of `per_digit` images of each digit (balanced_subset). A decoder that ignores y gives every label the same
     likelihood and scores chance (10 %); the accuracy says how much the decoder relies on the label."""
-    k_classes = model.hparams.num_classes
-    idx = balanced_subset(labels, per_digit, k_classes, seed)
+    num_classes = model.hparams.num_classes
+    idx = balanced_subset(labels, per_digit, num_classes, seed)
     wanted = labels[idx]
     hits = (log_likelihood_per_label(model, images[idx], k, seed).argmax(dim=1) == wanted).double()
     return {
@@ -218,7 +218,7 @@ def generative_classification(model, images: torch.Tensor, labels: torch.Tensor,
         "images": len(idx),
         "iw_samples": k,
         "accuracy": hits.mean().item(),
-        "per_digit": [hits[wanted == c].mean().item() for c in range(k_classes)],
+        "per_digit": [hits[wanted == c].mean().item() for c in range(num_classes)],
     }
 
 
