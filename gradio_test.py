@@ -5,7 +5,8 @@
 
 Pick a digit and move the z sliders: the decoded image follows while the slider moves. The page also shows the same z
 under all ten labels (style kept, digit changed), the digit's 2-D manifold with a marker at z, a button that samples z
-from the prior, and encodes a digit you draw or upload so the ten digits come out in your handwriting.
+from the prior, and encodes a digit you draw or upload so the ten digits come out in your handwriting. With a latent
+wider than 2, the sliders set the two dimensions whose posterior means vary most over the MNIST test set (--data-dir).
 
 Named API endpoints (for `gradio_client`; signatures in the README):
     /generate (digit, z0, z1) -> image     /style_row (z0, z1) -> image     /manifold (digit, z0, z1) -> image
@@ -31,6 +32,8 @@ from torchvision.utils import make_grid
 
 from checkpoint import CheckpointError, CheckpointNotFound, load_cvae
 from cli import DEFAULT_CKPT, ArgParser, bounded, fail
+from dataset import DEFAULT_DATA_DIR, DataError, load_split
+from model import informative_dims
 
 if __name__ == "__main__" and not os.environ.get("GRADIO_SERVER_PORT", "7860").isdigit():
     # gradio parses this variable when imported and dies with a traceback on a non-number.
@@ -197,24 +200,28 @@ class ImageUpload(gr.Image):
 class Explorer:
     """Every picture the page shows, as a plain function of (digit, z0, z1), for one model.
 
-    z is the model's latent vector with z0 and z1 from the sliders and any further dimensions fixed at 0. All decoding
+    z is the model's latent vector with z0 and z1, the sliders, in the dimensions `dims` (default: the first two;
+    slider_dims picks the most informative ones) and every other dimension fixed at 0, the prior's mean. All decoding
     runs under inference_mode on a model in eval mode and never changes its mode, so concurrent requests are safe.
     """
 
-    def __init__(self, model):
+    def __init__(self, model, dims: tuple[int, ...] | None = None):
         self.model = model.eval()
         self.latent_dim: int = model.hparams.latent_dim
+        self.dims = tuple(range(min(self.latent_dim, 2)) if dims is None else dims)
+        # The sliders' names: z0 and z1 when they are the whole code, else the index they set, e.g. z[3].
+        self.names = ("z0", "z1") if self.latent_dim <= 2 else tuple(f"z[{i}]" for i in self.dims)
         self.num_classes: int = model.hparams.num_classes
         self.side: int = model.hparams.image_size
         self.prior: str = model.resolve_prior("auto")
         self._manifolds: dict[int, np.ndarray] = {}  # digit -> grey manifold without marker
 
     def latent(self, z0: float, z1: float, n: int = 1) -> torch.Tensor:
-        """(n, latent_dim): z0, z1 in the first two dimensions, 0 elsewhere (z1 dropped for a 1-D latent)."""
+        """(n, latent_dim): z0, z1 in the slider dimensions, 0 elsewhere (z1 dropped for a 1-D latent)."""
         z = torch.zeros(n, self.latent_dim)
-        z[:, 0] = z0
+        z[:, self.dims[0]] = z0
         if self.latent_dim > 1:
-            z[:, 1] = z1
+            z[:, self.dims[1]] = z1
         return z
 
     def decode(self, z: torch.Tensor, labels: list[int], columns: int = 1) -> np.ndarray:
@@ -265,18 +272,16 @@ class Explorer:
         centres = (np.arange(GRID) + 0.5) / GRID * 2 * Z_RANGE - Z_RANGE
         z1s = centres[::-1] if self.latent_dim > 1 else np.zeros(1)
         z0_grid, z1_grid = np.meshgrid(centres, z1s)  # (rows, GRID), row 0 = highest z1
-        z = torch.zeros(z0_grid.size, self.latent_dim)
-        z[:, 0] = torch.from_numpy(z0_grid.ravel()).float()
-        if self.latent_dim > 1:
-            z[:, 1] = torch.from_numpy(z1_grid.ravel()).float()
+        z = self.latent(torch.from_numpy(z0_grid.ravel()).float(), torch.from_numpy(z1_grid.ravel()).float(),
+                        z0_grid.size)
         return self.decode(z, [digit] * len(z), columns=GRID)
 
     def random_z(self, digit: int) -> tuple[float, float]:
-        """Draw z for this digit from the model's prior (the fitted one when the checkpoint has it); returns its first
-        two coordinates, clamped to the slider range."""
+        """Draw z for this digit from the model's prior (the fitted one when the checkpoint has it); returns its
+        coordinates in the slider dimensions, clamped to the slider range."""
         digit = check_digit(digit, self.num_classes)
         z = self.model.sample_z(torch.tensor([digit]), prior="auto")[0].cpu()
-        return to_slider(z[0]), to_slider(z[1] if self.latent_dim > 1 else 0.0)
+        return to_slider(z[self.dims[0]]), to_slider(z[self.dims[1]] if self.latent_dim > 1 else 0.0)
 
     def style_transfer(self, image: str | None, digit: int) -> tuple[np.ndarray, float, float]:
         """Encode a picture of `digit` (a file path) and return (style row at its z, z0, z1)."""
@@ -299,7 +304,7 @@ class Explorer:
         with torch.inference_mode():
             mean, _ = self.model.encode(x.to(self.model.device), torch.tensor([digit]))
         mean = mean[0].cpu()
-        raw = (float(mean[0]), float(mean[1]) if self.latent_dim > 1 else 0.0)
+        raw = (float(mean[self.dims[0]]), float(mean[self.dims[1]]) if self.latent_dim > 1 else 0.0)
         z0, z1 = to_slider(raw[0]), to_slider(raw[1])
         if max(abs(raw[0]), abs(raw[1])) > Z_RANGE:
             gr.Warning(f"Its z = ({raw[0]:.2f}, {raw[1]:.2f}) lies outside the sliders' range; "
@@ -320,9 +325,20 @@ def page_notes(explorer: Explorer) -> tuple[str, str]:
     elif d == 2:
         dims = "z is 2-D here: the two sliders are the whole latent code."
     else:
-        dims = (f"This checkpoint has a {d}-D latent: the sliders set z0 and z1, "
-                f"and z2{'' if d == 3 else '…z' + str(d - 1)} stay fixed at 0.")
+        dims = (f"This checkpoint has a {d}-D latent: the sliders set {' and '.join(explorer.names)}, the two "
+                f"dimensions whose posterior means vary most over the MNIST test set; the other {d - 2} stay "
+                f"fixed at 0, the prior's mean.")
     return prior, dims
+
+
+def slider_dims(model, data_dir: Path) -> tuple[int, ...] | None:
+    """The latent dimensions the sliders set: for a latent wider than 2, the two whose posterior means vary most over
+    the MNIST test set in `data_dir` (model.informative_dims, the two test.py's latent_scatter.png shows); None (the
+    first dimensions, no data needed) otherwise. Raises DataError when the test set is missing."""
+    if model.hparams.latent_dim <= 2:
+        return None
+    images, labels = load_split(data_dir, train=False)
+    return informative_dims(model.posterior_means(images, labels))
 
 
 @dataclass
@@ -346,9 +362,10 @@ class Page:
 START = (7, 0.0, 0.0)  # the digit, z0 and z1 the page opens with
 
 
-def build_app(model) -> gr.Blocks:
-    """The explorer page for a loaded CVAE, not yet served (see launch)."""
-    explorer = Explorer(model)
+def build_app(model, dims: tuple[int, ...] | None = None) -> gr.Blocks:
+    """The explorer page for a loaded CVAE, its sliders in the latent dimensions `dims` (see Explorer), not yet
+    served (see launch)."""
+    explorer = Explorer(model, dims)
     with gr.Blocks(title="CVAE latent explorer", analytics_enabled=False, delete_cache=(600, 600)) as app:
         page = lay_out(explorer)
         wire_events(explorer, page)
@@ -367,8 +384,8 @@ def lay_out(explorer: Explorer) -> Page:
     with gr.Row(equal_height=False):
         with gr.Column(scale=4, min_width=260):
             digit = DigitRadio(digits, value=START[0], label="Digit", elem_id="digit")
-            z0 = ZSlider(label="z0", elem_id="z0", **slider)
-            z1 = ZSlider(label="z1", elem_id="z1", visible=explorer.latent_dim > 1, **slider)
+            z0 = ZSlider(label=explorer.names[0], elem_id="z0", **slider)
+            z1 = ZSlider(label=explorer.names[1], elem_id="z1", visible=explorer.latent_dim > 1, **slider)
             random_button = gr.Button("Random z", variant="primary", elem_id="random")
             gr.Markdown(f"{prior_note}\n\nThe sliders span ±{Z_RANGE:g} standard deviations of N(0, I). "
                         f"{dims_note}")
@@ -377,7 +394,8 @@ def lay_out(explorer: Explorer) -> Page:
                              interactive=False, buttons=["download"], elem_id="digit-image",
                              elem_classes=["pixelated"])
         with gr.Column(scale=5, min_width=360):
-            manifold = gr.Image(explorer.manifold(*START), label="Manifold of this digit (z0 →, z1 ↑)",
+            x_name, y_name = explorer.names
+            manifold = gr.Image(explorer.manifold(*START), label=f"Manifold of this digit ({x_name} →, {y_name} ↑)",
                                 format="png", height=360, interactive=False, buttons=["download"],
                                 elem_id="manifold", elem_classes=["pixelated"])
     row = gr.Image(explorer.style_row(*START[1:]), label="Same style, all ten digits", format="png",
@@ -472,6 +490,8 @@ def env_default(name: str, default: str) -> str:
 def build_parser() -> ArgParser:
     p = ArgParser(description="Serve the CVAE latent-space explorer (Gradio) on localhost.")
     p.add_argument("--ckpt", type=Path, default=DEFAULT_CKPT, help="checkpoint written by train.py")
+    p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR,
+                   help="MNIST, whose test set picks the sliders' dimensions when z has more than 2")
     p.add_argument("--host", default=env_default("GRADIO_SERVER_NAME", "127.0.0.1"),
                    help="interface to listen on (env GRADIO_SERVER_NAME); 0.0.0.0 opens it to the network")
     p.add_argument("--port", type=bounded(int, 1, 65535), default=env_default("GRADIO_SERVER_PORT", "7860"),
@@ -488,6 +508,10 @@ def main(argv: list[str] | None = None) -> int:
         fail(str(err))  # says how to train one
     except CheckpointError as err:
         fail(f"{err}; train one with `python train.py`")
+    try:
+        dims = slider_dims(model, args.data_dir)
+    except DataError as err:
+        fail(f"{err}; the sliders of a {model.hparams.latent_dim}-D latent follow the test set (--data-dir)")
     problem = listen_problem(args.host, args.port)
     if problem:
         fail(problem)
@@ -497,7 +521,7 @@ def main(argv: list[str] | None = None) -> int:
     hp = model.hparams
     print(f"Loaded {args.ckpt}: latent_dim {hp.latent_dim}, prior {model.resolve_prior('auto')}, "
           f"device cpu, 1 torch thread per request", flush=True)
-    app = build_app(model)
+    app = build_app(model, dims)
     try:
         launch(app, args.host, args.port)
     except OSError as err:  # e.g. the port was taken between the check and the launch, or no such interface

@@ -45,6 +45,31 @@ def kl_per_dim(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     return -0.5 * (1 + logvar - mean.pow(2) - logvar.exp())
 
 
+ACTIVITY_THRESHOLD = 0.01  # Burda et al. 2016: a unit is active when Var_x E_q[z_i] exceeds this
+
+
+def activity(means: torch.Tensor) -> torch.Tensor:
+    """How much each latent dimension's posterior mean varies over a data set: (N, latent) means -> (latent,)
+    variances (Burda et al. 2016, section 5.2). A dimension the encoder does not use has a mean that does not
+    depend on x, and variance near 0."""
+    return means.double().var(dim=0)
+
+
+def active_units(means: torch.Tensor) -> int:
+    """The number of latent dimensions whose posterior mean varies more than ACTIVITY_THRESHOLD over `means`."""
+    return int((activity(means) > ACTIVITY_THRESHOLD).sum())
+
+
+def informative_dims(means: torch.Tensor) -> tuple[int, ...]:
+    """The latent dimensions a 2-D picture of z shows: all of them when there are at most two, otherwise the two with
+    the largest activity (posterior-mean variance over `means`), in index order. test.py's latent_scatter.png and
+    manifold.png and the UI's sliders use these."""
+    d = means.shape[1]
+    if d <= 2:
+        return tuple(range(d))
+    return tuple(sorted(activity(means).topk(2).indices.tolist()))
+
+
 def squared_error(recon: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Squared error summed over each image's pixels, (N,): -log p(x | z, y) less gaussian_nll_constant."""
     return (recon - x.reshape(recon.shape)).pow(2).sum(dim=1)

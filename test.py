@@ -7,7 +7,8 @@ Writes into --out-dir: samples.png, manifold.png, latent_scatter.png, reconstruc
 training_curves.png (from the run's metrics.csv) and metrics.json, and prints the metrics as a table. Generated digits
 are judged by a digit classifier whose weights ship with the repo (classifier.py, weights/digit_cnn.pt): conditional
 accuracy is the share of samples it reads as the requested digit, FID compares samples and test images in its
-penultimate-layer features. Besides the ELBO it reports an importance-weighted bound on log p(x | y).
+penultimate-layer features. Besides the ELBO it reports an importance-weighted bound on log p(x | y), the accuracy of
+the CVAE itself as a classifier (argmax_y log p(x | y)) and how many latent dimensions are active.
 
 `evaluate(model, data_dir)` returns the same numbers as a dict, for scripts that compare several checkpoints.
 """
@@ -30,8 +31,8 @@ from checkpoint import CheckpointError, load_cvae
 from classifier import JUDGE_FILE, DigitCNN, features_and_predictions, fid, load_judge
 from dataset import DEFAULT_DATA_DIR, IMAGE_SIZE, DataError, has_raw_files, load_split, to_float_images
 from cli import DEFAULT_CKPT, DEFAULT_RUN_DIR, ArgParser, UsageError, bounded, check_output_file, fail
-from model import (elbo_loss, eval_mode, gaussian_nll_constant, kl_per_dim, metric_name, metric_names,
-                   squared_error)
+from model import (ACTIVITY_THRESHOLD, activity, active_units, elbo_loss, eval_mode, gaussian_nll_constant,
+                   informative_dims, kl_per_dim, metric_name, metric_names, squared_error)
 
 DPI = 100
 # Figure sizes in inches; the PNGs are exactly these times DPI pixels (no tight bounding box), so tests can check them.
@@ -45,6 +46,10 @@ FIGSIZES = {
 }
 GAUSSIAN_CONSTANT = gaussian_nll_constant(IMAGE_SIZE ** 2)  # loss units + this = nats (392 ln(pi) per image)
 IW_SAMPLES = 100  # default k: a tight bound that still takes seconds, not minutes, on a CPU (bench/README.md)
+# The generative classifier's defaults (test images per digit, each bounded under all ten labels with k samples):
+# less than half the likelihood bound's work, so `python test.py` stays about a minute (bench/README.md).
+CLASSIFY_PER_DIGIT = 100
+CLASSIFY_IW_SAMPLES = 50
 MANIFOLD_QUANTILES = (0.05, 0.95)
 SCATTER_CAPTION = ("In a CVAE the decoder is given the label, so z need not encode which digit it is: the classes "
                    "overlap by design,\nand z carries the style (slant, width, stroke) shared across digits.")
@@ -118,9 +123,9 @@ def analogies(model, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
 
 
 @torch.no_grad()
-def manifold(model, steps: int = 15) -> tuple[torch.Tensor, torch.Tensor]:
-    """For every digit, decode a steps x steps grid over N(0, 1) quantiles 0.05..0.95 of z1 (columns, left to right)
-    and z2 (rows, bottom to top); other dimensions stay at 0, the prior's mean.
+def manifold(model, steps: int = 15, dims: tuple[int, ...] = (0, 1)) -> tuple[torch.Tensor, torch.Tensor]:
+    """For every digit, decode a steps x steps grid over N(0, 1) quantiles 0.05..0.95 of z[dims[0]] (columns, left to
+    right) and z[dims[1]] (rows, bottom to top); other dimensions stay at 0, the prior's mean.
 
     Returns (images (num_classes, rows, steps, 28, 28), quantile values (steps,)); rows = 1 when latent_dim is 1.
     """
@@ -128,9 +133,9 @@ def manifold(model, steps: int = 15) -> tuple[torch.Tensor, torch.Tensor]:
     q = torch.special.ndtri(torch.linspace(*MANIFOLD_QUANTILES, steps, dtype=torch.float64)).float()
     rows = steps if d >= 2 else 1
     z = torch.zeros(rows, steps, d)
-    z[..., 0] = q  # columns
+    z[..., dims[0]] = q  # columns
     if d >= 2:
-        z[..., 1] = q.flip(0)[:, None]  # top row = largest z2, as on a plot's y axis
+        z[..., dims[1]] = q.flip(0)[:, None]  # top row = largest value, as on a plot's y axis
     z = z.reshape(-1, d)
     with eval_mode(model):
         images = torch.stack([model.decode(z, torch.full((len(z),), digit)).cpu() for digit in range(k)])
@@ -178,11 +183,66 @@ def iw_bound(model, images: torch.Tensor, labels: torch.Tensor, k: int, seed: in
     return torch.cat(out)
 
 
+def balanced_subset(labels: torch.Tensor, per_class: int, num_classes: int, seed: int = 0) -> torch.Tensor:
+    """Indices of `per_class` images of every class (all of a class that has fewer), drawn without replacement by a
+    generator seeded with `seed`, class 0's first."""
+    gen = torch.Generator().manual_seed(seed)
+    picks = []
+    for c in range(num_classes):
+        members = torch.nonzero(labels == c).flatten()
+        picks.append(members[torch.randperm(len(members), generator=gen)[:per_class]])
+    return torch.cat(picks)
+
+
+@torch.no_grad()
+def log_likelihood_per_label(model, images: torch.Tensor, k: int, seed: int = 0) -> torch.Tensor:
+    """log p(x | y) of every image under every label y, each the importance-weighted bound (iw_bound, negated) with
+    k samples from q(z | x, y) for that label: (N, num_classes), loss units."""
+    c = model.hparams.num_classes
+    pairs = iw_bound(model, images.repeat_interleave(c, dim=0), torch.arange(c).repeat(len(images)), k, seed)
+    return -pairs.reshape(len(images), c)  # image-major: row i holds image i under labels 0..c-1
+
+
+def generative_classification(model, images: torch.Tensor, labels: torch.Tensor, per_digit: int, k: int,
+                              seed: int = 0) -> dict[str, Any]:
+    """The CVAE as a Bayes classifier with a uniform p(y): y_hat = argmax over y of log p(x | y), on a class-balanced
+    subset of `per_digit` images of each digit (balanced_subset). A decoder that ignores y gives every label the same
+    likelihood and scores chance (10 %); the accuracy says how much the decoder relies on the label."""
+    num_classes = model.hparams.num_classes
+    idx = balanced_subset(labels, per_digit, num_classes, seed)
+    wanted = labels[idx]
+    hits = (log_likelihood_per_label(model, images[idx], k, seed).argmax(dim=1) == wanted).double()
+    return {
+        "rule": "argmax over y of log p(x | y), uniform p(y); log p(x | y) is the importance-weighted bound with "
+                "k samples from q(z | x, y) for that label",
+        "images": len(idx),
+        "iw_samples": k,
+        "accuracy": hits.mean().item(),
+        "per_digit": [hits[wanted == c].mean().item() for c in range(num_classes)],
+    }
+
+
+def latent_metrics(model, images: torch.Tensor, labels: torch.Tensor) -> dict[str, Any]:
+    """Which latent dimensions carry information: each one's activity (the variance of its posterior mean over the
+    images), the number of active units (activity above ACTIVITY_THRESHOLD; Burda et al. 2016) and the two
+    dimensions the figures show (model.informative_dims)."""
+    means = model.posterior_means(images, labels)
+    return {
+        "posterior_mean_variance": activity(means).tolist(),
+        "activity_threshold": ACTIVITY_THRESHOLD,
+        "active_units": active_units(means),
+        "informative_dims": list(informative_dims(means)),
+    }
+
+
 def evaluate(model, data_dir: str | Path, samples_per_digit: int = 1_000, seed: int = 0,
-             iw_samples: int = IW_SAMPLES, judge: DigitCNN | None = None) -> dict[str, Any]:
+             iw_samples: int = IW_SAMPLES, judge: DigitCNN | None = None,
+             classify_per_digit: int = CLASSIFY_PER_DIGIT, classify_iw_samples: int = CLASSIFY_IW_SAMPLES
+             ) -> dict[str, Any]:
     """Every number test.py reports, for one model, as a JSON-ready dict: "test" (elbo_terms on the 10k test
-    images), "likelihood" (likelihood_metrics), "generation" (generation_metrics, per prior), "reconstruction_fid"
-    (the test images' reconstructions against the test set, a floor for the sample FID) and "prior_used" (the prior
+    images), "latent" (latent_metrics), "likelihood" (likelihood_metrics), "generative_classification"
+    (generative_classification), "generation" (generation_metrics, per prior), "reconstruction_fid" (the test
+    images' reconstructions against the test set, a floor for the sample FID) and "prior_used" (the prior
     samples.png and the headline numbers use). FID and accuracy come from `judge` (default: the shipped weights).
     """
     if judge is None:
@@ -200,7 +260,10 @@ def evaluate(model, data_dir: str | Path, samples_per_digit: int = 1_000, seed: 
         "classifier": {"test_accuracy": (test_preds == labels).double().mean().item(),
                        "features": f"DigitCNN penultimate layer ({test_feats.shape[1]}-d), FID in float64"},
         "test": terms,
+        "latent": latent_metrics(model, images, labels),
         "likelihood": likelihood_metrics(model, images, labels, terms, iw_samples, seed),
+        "generative_classification": generative_classification(model, images, labels, classify_per_digit,
+                                                               classify_iw_samples, seed),
         "generation": generation,
         "reconstruction_fid": fid(recon_feats, test_feats),
     }
@@ -245,6 +308,7 @@ def likelihood_metrics(model, images: torch.Tensor, labels: torch.Tensor, terms:
 def metrics_table(m: dict[str, Any]) -> str:
     """The metrics as a plain-text table."""
     t, lk, gen, used = m["test"], m["likelihood"], m["generation"], m["prior_used"]
+    lat, gc = m["latent"], m["generative_classification"]
     lines = [
         f"Digit classifier: {100 * m['classifier']['test_accuracy']:.2f}% on the MNIST test set",
         "",
@@ -255,11 +319,22 @@ def metrics_table(m: dict[str, Any]) -> str:
         f"  {'MSE per pixel':<42}{t['mse_per_pixel']:>10.5f}",
         f"  {'MSE per pixel, z = posterior mean':<42}{t['mse_per_pixel_posterior_mean']:>10.5f}",
         "",
+        f"Latent dimensions (z[0] ... z[{len(t['kl_per_dim']) - 1}]) over the test images",
+        f"  {'active units (posterior-mean variance > ' + format(lat['activity_threshold'], 'g') + ')':<42}"
+        f"{lat['active_units']:>10} of {len(t['kl_per_dim'])}",
+        f"  {'KL per dimension (nats)':<42}" + " ".join(f"{v:.2f}" for v in t["kl_per_dim"]),
+        f"  {'posterior-mean variance':<42}" + " ".join(f"{v:.2f}" for v in lat["posterior_mean_variance"]),
+        "",
         f"Negative log-likelihood bounds, per image (lower is tighter){'loss units':>14}{'nats':>10}",
         f"  {'-ELBO (recon + KL)':<58}{lk['neg_elbo_per_image']:>10.3f}{lk['neg_elbo_nats_per_image']:>10.3f}",
         f"  {'importance-weighted, k = ' + str(lk['iw_samples']):<58}{lk['iw_bound_per_image']:>10.3f}"
         f"{lk['iw_bound_nats_per_image']:>10.3f}",
         f"  (nats = loss units + 392 ln(pi) = {GAUSSIAN_CONSTANT:.2f}: a Gaussian decoder with variance 1/2)",
+        "",
+        f"The CVAE as a classifier, argmax_y log p(x|y) (IW bound, k = {gc['iw_samples']} per label), "
+        f"{gc['images']} test images",
+        f"  {'accuracy (a decoder that ignores y: 10%)':<42}{100 * gc['accuracy']:>9.2f}%",
+        f"  {'per digit':<42}" + " ".join(f"{100 * a:.0f}%" for a in gc["per_digit"]),
         "",
         f"Generated digits ({next(iter(gen.values()))['samples']} per prior)".ljust(44)
         + "".join(f"{name + (' *' if name == used else ''):>12}" for name in gen),
@@ -348,10 +423,17 @@ def plot_samples(model, out_dir: Path, seed: int) -> Path:
     return save(fig, out_dir, "samples.png")
 
 
-def plot_manifold(model, out_dir: Path, steps: int = 15) -> Path:
-    """manifold.png: one panel per digit, decoding a grid over z1 and z2."""
-    images, q = manifold(model, steps)
+def dim_names(dims: tuple[int, ...], latent_dim: int) -> list[str]:
+    """How the figures name the latent dimensions they show: z1, z2 for a 1- or 2-D latent, z[i] (the index) for the
+    two chosen from a wider one."""
+    return [f"z{i + 1}" for i in dims] if latent_dim <= 2 else [f"z[{i}]" for i in dims]
+
+
+def plot_manifold(model, out_dir: Path, dims: tuple[int, ...], steps: int = 15) -> Path:
+    """manifold.png: one panel per digit, decoding a grid over the latent dimensions `dims` (informative_dims)."""
+    images, q = manifold(model, steps, dims)
     k, rows, side, d = images.shape[0], images.shape[1], model.hparams.image_size, model.hparams.latent_dim
+    names = dim_names(dims, d)
     fig = new_figure("manifold.png")
     ncols = math.ceil(k / 2) if k > 1 else 1
     axes = fig.subplots(math.ceil(k / ncols), ncols, squeeze=False,
@@ -364,13 +446,14 @@ def plot_manifold(model, out_dir: Path, steps: int = 15) -> Path:
         show_grid(ax, tile(images[digit], pad=0))
         ax.set_title(f"digit {digit}", fontsize=14)
         ax.set_xticks([tile_centres(steps, side, 0)[i] for i in marks], [f"{q[i]:.2f}" for i in marks])
-        ax.set_xlabel("z1", labelpad=1)
+        ax.set_xlabel(names[0], labelpad=1)
         if rows > 1:
             ax.set_yticks([tile_centres(rows, side, 0)[i] for i in marks], [f"{q.flip(0)[i]:.2f}" for i in marks])
-            ax.set_ylabel("z2", labelpad=1)
+            ax.set_ylabel(names[1], labelpad=1)
         else:
             ax.set_yticks([])
-    what = "z1 (left to right) and z2 (bottom to top)" if d >= 2 else "z1 (left to right; latent_dim is 1)"
+    what = (f"{names[0]} (left to right) and {names[1]} (bottom to top)" if d >= 2
+            else "z1 (left to right; latent_dim is 1)")
     rest = f"; the other {d - 2} dimensions are fixed at 0" if d > 2 else ""
     lo, hi = MANIFOLD_QUANTILES
     fig.suptitle(f"Decoded latent manifold for each digit\n{what} at the {lo:g}...{hi:g} quantiles of N(0, 1), "
@@ -378,19 +461,22 @@ def plot_manifold(model, out_dir: Path, steps: int = 15) -> Path:
     return save(fig, out_dir, "manifold.png")
 
 
-def plot_latent_scatter(model, images: torch.Tensor, labels: torch.Tensor, out_dir: Path) -> Path:
-    """latent_scatter.png: posterior means of the test images, coloured by digit."""
+def plot_latent_scatter(model, images: torch.Tensor, labels: torch.Tensor, out_dir: Path, dims: tuple[int, ...]
+                        ) -> Path:
+    """latent_scatter.png: posterior means of the test images in the latent dimensions `dims` (informative_dims),
+    coloured by digit."""
     from matplotlib import colormaps
     from matplotlib.patches import Circle
 
     z = model.posterior_means(images, labels).numpy()
     d, k = z.shape[1], model.hparams.num_classes
+    names = dim_names(dims, d)
     fig = new_figure("latent_scatter.png")
     ax = fig.add_axes((0.11, 0.17, 0.85, 0.74))
     rng = np.random.default_rng(0)
     order = rng.permutation(len(z))  # plot in random order so no digit is painted over all the others
-    x_vals = z[order, 0]
-    y_vals = z[order, 1] if d >= 2 else labels.numpy()[order] + rng.uniform(-0.3, 0.3, len(z))
+    x_vals = z[order, dims[0]]
+    y_vals = z[order, dims[1]] if d >= 2 else labels.numpy()[order] + rng.uniform(-0.3, 0.3, len(z))
     colours = np.asarray([colormaps["tab10"](c % 10) for c in range(k)])
     ax.scatter(x_vals, y_vals, c=colours[labels.numpy()[order]], s=3, alpha=0.6, linewidths=0)
     for c in range(k):  # legend entries with readable markers
@@ -399,14 +485,14 @@ def plot_latent_scatter(model, images: torch.Tensor, labels: torch.Tensor, out_d
     if d >= 2:
         ax.add_patch(Circle((0, 0), 2.0, fill=False, ls="--", color="0.3", lw=1))
         ax.set_aspect("equal", adjustable="datalim")
-        ax.set_ylabel("z2 (posterior mean)")
+        ax.set_ylabel(f"{names[1]} (posterior mean)")
         ax.text(0.02, 0.02, "dashed circle: radius 2, holds 86% of N(0, I)", transform=ax.transAxes, fontsize=9,
                 color="0.3")
     else:
         ax.set_ylabel("digit (jittered)")
-    ax.set_xlabel("z1 (posterior mean)")
-    dims = f", first 2 of {d} latent dimensions" if d > 2 else ""
-    ax.set_title(f"Posterior means of the {len(z):,} test images{dims}", fontsize=12)
+    ax.set_xlabel(f"{names[0]} (posterior mean)")
+    which = f", the 2 of {d} latent dimensions whose means vary most" if d > 2 else ""
+    ax.set_title(f"Posterior means of the {len(z):,} test images{which}", fontsize=12)
     fig.text(0.5, 0.025, SCATTER_CAPTION, ha="center", va="bottom", fontsize=9.5, wrap=False)
     return save(fig, out_dir, "latent_scatter.png")
 
@@ -501,6 +587,11 @@ def build_parser() -> ArgParser:
     p.add_argument("--manifold-steps", type=bounded(int, 2, 50), default=15, help="grid size of each manifold panel")
     p.add_argument("--iw-samples", type=bounded(int, 1, 10_000), default=IW_SAMPLES,
                    help="k of the importance-weighted likelihood bound (samples of z per test image)")
+    p.add_argument("--classify-per-digit", type=bounded(int, 1), default=CLASSIFY_PER_DIGIT,
+                   help="test images per digit (a seeded, class-balanced subset) that the CVAE classifies by "
+                        "argmax_y log p(x|y)")
+    p.add_argument("--classify-iw-samples", type=bounded(int, 1, 10_000), default=CLASSIFY_IW_SAMPLES,
+                   help="k of the importance-weighted bound on each log p(x|y) of that classifier")
     p.add_argument("--run-dir", type=Path, default=DEFAULT_RUN_DIR,
                    help="train.py's --run-dir of this checkpoint, for training_curves.png")
     p.add_argument("--judge", type=Path, default=None,
@@ -545,16 +636,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         metrics = {"checkpoint": str(args.ckpt),
                    "judge": {"weights": str(args.judge or JUDGE_FILE), "sha256": judge_sha256},
-                   **evaluate(model, args.data_dir, args.samples_per_digit, args.seed, args.iw_samples, judge)}
+                   **evaluate(model, args.data_dir, args.samples_per_digit, args.seed, args.iw_samples, judge,
+                              args.classify_per_digit, args.classify_iw_samples)}
         images, labels = load_test_set(args.data_dir)
     except DataError as err:
         fail(str(err))
     print(metrics_table(metrics))
     args.out_dir.mkdir(parents=True, exist_ok=True)
+    dims = tuple(metrics["latent"]["informative_dims"])
     written = [
         plot_samples(model, args.out_dir, args.seed),
-        plot_manifold(model, args.out_dir, args.manifold_steps),
-        plot_latent_scatter(model, images, labels, args.out_dir),
+        plot_manifold(model, args.out_dir, dims, args.manifold_steps),
+        plot_latent_scatter(model, images, labels, args.out_dir, dims),
         plot_reconstructions(model, images, labels, args.out_dir),
         plot_analogies(model, images, labels, args.out_dir),
     ]

@@ -4,10 +4,11 @@
     python bench/seeds.py --train-args "--kl-warmup-epochs 0"   # the recipe without warm-up, for comparison
     python bench/seeds.py --compare-priors                 # also refit other sampling priors on each checkpoint
 
-One row per seed: test KL, reconstruction MSE per pixel (z = posterior mean), the negative ELBO and the
-importance-weighted bound (k = 100) per image in loss units, conditional accuracy and sample FID with the prior the
-checkpoint samples from, and the reconstruction FID. Checkpoints go to --out-dir; an existing
-checkpoint for a seed is reused with --reuse (same flags assumed).
+One row per seed: test KL, active units, reconstruction MSE per pixel (z = posterior mean), the negative ELBO and the
+importance-weighted bound (k = 100) per image in loss units, the CVAE's accuracy as a classifier, conditional accuracy
+and sample FID with the prior the checkpoint samples from, and the reconstruction FID. Checkpoints go to --out-dir; an
+existing checkpoint for a seed is reused with --reuse (same flags assumed). bench/sweep.py trains and judges its runs
+with train() and seed_row() from here.
 """
 from __future__ import annotations
 
@@ -31,11 +32,14 @@ class SeedRow(NamedTuple):
 
     seed: int
     train_s: float     # the whole `python train.py` process; NaN for a reused checkpoint
-    kl: float          # test KL per image, nats
+    kl: float          # test KL per image, nats: the rate
     kl_dims: list[float]
+    active_units: int  # latent dimensions whose posterior mean varies (Burda et al. 2016)
+    recon: float       # summed squared error per image, one z draw: the distortion
     mse: float         # per pixel, z = posterior mean
     neg_elbo: float    # per image, loss units
     iw_bound: float    # importance-weighted, k = 100, loss units
+    class_accuracy: float  # the CVAE as a classifier, argmax_y log p(x | y)
     prior: str         # the prior the checkpoint samples from
     accuracy: float    # conditional accuracy with that prior
     fid: float         # sample FID with that prior
@@ -45,15 +49,17 @@ class SeedRow(NamedTuple):
 
     def markdown(self) -> str:
         dims = ", ".join(f"{d:.2f}" for d in self.kl_dims)
-        return (f"| {self.seed} | {self.train_s:.1f} | {self.kl:.2f} | {dims} | {self.mse:.4f} | {self.neg_elbo:.2f} "
-                f"| {self.iw_bound:.2f} | {self.prior} | {100 * self.accuracy:.2f}% | {self.fid:.1f} "
+        return (f"| {self.seed} | {self.train_s:.1f} | {self.kl:.2f} | {dims} | {self.active_units} "
+                f"| {self.mse:.4f} | {self.neg_elbo:.2f} | {self.iw_bound:.2f} | {100 * self.class_accuracy:.1f}% "
+                f"| {self.prior} | {100 * self.accuracy:.2f}% | {self.fid:.1f} "
                 f"| {self.recon_fid:.1f} | {100 * (self.fid / self.recon_fid - 1):+.1f}% "
                 f"| {100 * self.standard_accuracy:.2f}% | {self.standard_fid:.1f} |")
 
 
-SEED_HEADER = ("| seed | train.py (s) | KL (nats) | KL per dim | MSE/pixel | -ELBO | IW bound | prior | cond. acc. "
-               "| sample FID | recon FID | FID gap | N(0,I) acc. | N(0,I) FID |\n"
-               "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+SEED_HEADER = ("| seed | train.py (s) | KL (nats) | KL per dim | active units | MSE/pixel | -ELBO | IW bound "
+               "| as a classifier | prior | cond. acc. | sample FID | recon FID | FID gap | N(0,I) acc. "
+               "| N(0,I) FID |\n"
+               "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 class PriorRow(NamedTuple):
@@ -86,23 +92,30 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-def train(seed: int, ckpt: Path, args: argparse.Namespace) -> float:
-    """Run train.py for one seed; returns the whole process's seconds."""
-    cmd = [sys.executable, "train.py", "--seed", str(seed), "--no-progress", "--data-dir", str(args.data_dir),
-           "--ckpt", str(ckpt), "--run-dir", str(args.out_dir / f"run{seed}"), *shlex.split(args.train_args)]
-    print("$", " ".join(cmd), file=sys.stderr, flush=True)
+def train_command(ckpt: Path, run_dir: Path, flags: list[str]) -> list[str]:
+    """One plain `python train.py` run, to be started in the repo's root."""
+    return ["python", "train.py", *flags, "--no-progress", "--ckpt", str(ckpt), "--run-dir", str(run_dir)]
+
+
+def train(command: list[str], log: Path) -> float:
+    """Run a train_command in the repo's root with this Python, its output to the file `log`; returns the whole
+    process's seconds."""
+    print("$", shlex.join(command), file=sys.stderr, flush=True)
     start = time.perf_counter()
-    subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+    with open(log, "w") as out:
+        subprocess.run([sys.executable, *command[1:]], cwd=ROOT, check=True, stdout=out, stderr=subprocess.STDOUT)
     return time.perf_counter() - start
 
 
 def seed_row(seed: int, train_s: float, m: dict) -> SeedRow:
     """The row of one seed from evaluate()'s metrics."""
+    t, lk = m["test"], m["likelihood"]
     gen, standard = m["generation"][m["prior_used"]], m["generation"]["standard"]
-    return SeedRow(seed, train_s, m["test"]["kl_per_image"], m["test"]["kl_per_dim"],
-                   m["test"]["mse_per_pixel_posterior_mean"], m["likelihood"]["neg_elbo_per_image"],
-                   m["likelihood"]["iw_bound_per_image"], m["prior_used"], gen["conditional_accuracy"], gen["fid"],
-                   m["reconstruction_fid"], standard["conditional_accuracy"], standard["fid"])
+    return SeedRow(seed, train_s, t["kl_per_image"], t["kl_per_dim"], m["latent"]["active_units"],
+                   t["recon_per_image"], t["mse_per_pixel_posterior_mean"], lk["neg_elbo_per_image"],
+                   lk["iw_bound_per_image"], m["generative_classification"]["accuracy"], m["prior_used"],
+                   gen["conditional_accuracy"], gen["fid"], m["reconstruction_fid"], standard["conditional_accuracy"],
+                   standard["fid"])
 
 
 def compare_priors(model, seed: int, args: argparse.Namespace, judge) -> list[PriorRow]:
@@ -140,7 +153,10 @@ def main() -> None:
     prior_rows: list[PriorRow] = []
     for seed in args.seeds:
         ckpt = args.out_dir / f"seed{seed}.ckpt"
-        train_s = float("nan") if args.reuse and ckpt.is_file() else train(seed, ckpt, args)
+        command = train_command(ckpt, args.out_dir / f"run{seed}",
+                                ["--seed", str(seed), "--data-dir", str(args.data_dir), *shlex.split(args.train_args)])
+        reuse = args.reuse and ckpt.is_file()
+        train_s = float("nan") if reuse else train(command, args.out_dir / f"train{seed}.log")
         model = load_cvae(ckpt)
         rows.append(seed_row(seed, train_s, evaluate(model, args.data_dir, args.samples_per_digit, seed=0,
                                                      judge=judge)))

@@ -21,6 +21,7 @@ from model import CVAE, elbo_loss, squared_error
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED, PER_DIGIT, STEPS, IW_K = 3, 30, 5, 8
+CLASSIFY_PER_DIGIT, CLASSIFY_K = 4, 3
 
 
 @pytest.fixture(scope="session")
@@ -50,7 +51,8 @@ def results(evaluation, tiny_ckpt, data_dir, digit_cnn, tmp_path_factory) -> Pat
     out = tmp_path_factory.mktemp("results") / "out"
     code = evaluation.main(["--ckpt", str(tiny_ckpt), "--out-dir", str(out), "--data-dir", str(data_dir),
                             "--seed", str(SEED), "--samples-per-digit", str(PER_DIGIT), "--manifold-steps", str(STEPS),
-                            "--iw-samples", str(IW_K), "--run-dir", str(tiny_ckpt.parent / "run")])
+                            "--iw-samples", str(IW_K), "--classify-per-digit", str(CLASSIFY_PER_DIGIT),
+                            "--classify-iw-samples", str(CLASSIFY_K), "--run-dir", str(tiny_ckpt.parent / "run")])
     assert code == 0
     return out
 
@@ -82,7 +84,7 @@ def test_every_file_is_written_as_a_png_of_the_expected_size(results, evaluation
         assert pixels.std() > 10, f"{name} is nearly blank"
 
 
-def test_metrics_match_an_independent_recomputation(results, tiny_ckpt, test_set, digit_cnn):
+def test_metrics_match_an_independent_recomputation(results, tiny_ckpt, test_set, digit_cnn, evaluation):
     metrics = json.loads((results / "metrics.json").read_text())
     model = load_cvae(tiny_ckpt)
     images, labels = test_set
@@ -132,11 +134,28 @@ def test_metrics_match_an_independent_recomputation(results, tiny_ckpt, test_set
         assert lk[f"{name}_nats_per_image"] - lk[f"{name}_per_image"] == pytest.approx(392 * np.log(np.pi))
     assert metrics["judge"] == {"weights": "weights/digit_cnn.pt", "sha256": JUDGE_SHA256}
 
+    # Active units: the variance of each posterior mean over the test set, against the threshold 0.01.
+    variance = mean.double().var(dim=0)
+    lat = metrics["latent"]
+    assert lat["posterior_mean_variance"] == pytest.approx(variance.tolist(), rel=1e-4, abs=1e-9)
+    assert lat["active_units"] == int((variance > 0.01).sum()) and lat["activity_threshold"] == 0.01
+    assert lat["informative_dims"] == [0, 1]  # a 2-D latent: both, in order
+
+    # The generative classifier: CLASSIFY_PER_DIGIT images of each digit, each bounded under every label.
+    gc = metrics["generative_classification"]
+    assert gc["images"] == 10 * CLASSIFY_PER_DIGIT and gc["iw_samples"] == CLASSIFY_K
+    idx = evaluation.balanced_subset(labels, CLASSIFY_PER_DIGIT, 10, SEED)
+    log_p = evaluation.log_likelihood_per_label(model, images[idx], CLASSIFY_K, SEED)
+    hits = (log_p.argmax(1) == labels[idx]).double()
+    assert gc["accuracy"] == pytest.approx(hits.mean().item(), abs=1e-12)
+    assert gc["per_digit"] == pytest.approx([hits[labels[idx] == c].mean().item() for c in range(10)], abs=1e-12)
+
 
 def test_a_model_without_fitted_prior_reports_the_standard_prior(tiny_ckpt, data_dir, digit_cnn, evaluation):
     model = load_cvae(tiny_ckpt)
     model.fitted_prior = None
-    metrics = evaluation.evaluate(model, data_dir, samples_per_digit=3, iw_samples=2, judge=digit_cnn)
+    metrics = evaluation.evaluate(model, data_dir, samples_per_digit=3, iw_samples=2, judge=digit_cnn,
+                                  classify_per_digit=1, classify_iw_samples=1)
     assert metrics["prior_used"] == "standard" and list(metrics["generation"]) == ["standard"]
     json.dumps(metrics)  # plain JSON types only
 
@@ -163,6 +182,7 @@ def test_computations_run_in_eval_mode_and_restore_the_mode(evaluation):
     images, labels = torch.rand(6, 1, 28, 28), torch.arange(6)
     for compute in (lambda: evaluation.elbo_terms(model, images, labels)["recon_per_image"],
                     lambda: evaluation.iw_bound(model, images, labels, k=3),
+                    lambda: evaluation.log_likelihood_per_label(model, images, k=2),
                     lambda: evaluation.reconstruct(model, images, labels),
                     lambda: evaluation.analogies(model, images, labels),
                     lambda: evaluation.manifold(model, steps=3)[0]):
@@ -324,6 +344,105 @@ def test_iw_bound_approaches_the_log_likelihood_from_below(short_run, test_set, 
         assert bound[1000] <= exact + 4 * error[1000] + 1e-3
         assert exact - bound[1000] <= 0.25 * gap + 4 * error[1000] + 1e-3
     assert totals[1] < totals[10] < totals[100] < totals[1000]
+
+
+# ----- the CVAE as a classifier ---------------------------------------------------------------------------------------
+def first_linear(module: torch.nn.Module) -> torch.nn.Linear:
+    return next(m for m in module.modules() if isinstance(m, torch.nn.Linear))
+
+
+def test_balanced_subset_takes_distinct_images_of_every_class_from_its_seed(test_set, evaluation):
+    labels = test_set[1]
+    idx = evaluation.balanced_subset(labels, 50, 10, seed=1)
+    assert len(set(idx.tolist())) == 500
+    assert torch.equal(labels[idx], torch.arange(10).repeat_interleave(50))
+    assert torch.equal(idx, evaluation.balanced_subset(labels, 50, 10, seed=1))
+    assert not torch.equal(idx, evaluation.balanced_subset(labels, 50, 10, seed=2))
+
+
+def test_with_z_ignored_the_classifier_picks_the_nearest_label_template(short_run, test_set, evaluation):
+    """An encoder that outputs N(0, I) for every image and a decoder that ignores z make every importance weight
+    exactly p(x | y): log p(x | y) = -|x - decode(., y)|^2 for any k, and the classifier is nearest-template. The
+    trained decoder's templates are digits, so it classifies well above chance."""
+    model = load_cvae(short_run / "short.ckpt")
+    d = model.hparams.latent_dim
+    with torch.no_grad():
+        for head in (model.encoder.mean, model.encoder.logvar):
+            head.weight.zero_()
+            head.bias.zero_()
+        first_linear(model.decoder).weight[:, :d] = 0  # the columns that read z
+        images, labels = test_set
+        templates = model.eval().decode(torch.zeros(10, d), torch.arange(10))  # (10, 784)
+        idx = evaluation.balanced_subset(labels, 20, 10, seed=0)
+        expected = -torch.cdist(images[idx].flatten(1), templates).pow(2)  # (200, 10)
+    log_p = evaluation.log_likelihood_per_label(model, images[idx], k=3)
+    torch.testing.assert_close(log_p, expected, rtol=1e-4, atol=1e-3)
+    gc = evaluation.generative_classification(model, images, labels, per_digit=20, k=3)
+    hits = (expected.argmax(1) == labels[idx]).double()
+    assert gc["accuracy"] == pytest.approx(hits.mean().item(), abs=1e-12)
+    assert gc["accuracy"] > 0.5
+
+
+def test_a_decoder_that_ignores_the_label_classifies_at_chance(short_run, test_set, evaluation):
+    """With the decoder's label columns zeroed, p(x | y) is the same for every y: the classifier guesses."""
+    model = load_cvae(short_run / "short.ckpt")
+    images, labels = test_set
+    trained = evaluation.generative_classification(model, images, labels, per_digit=30, k=10)["accuracy"]
+    with torch.no_grad():
+        first_linear(model.decoder).weight[:, model.hparams.latent_dim:] = 0  # the columns that read the one-hot y
+    blind = evaluation.generative_classification(model, images, labels, per_digit=30, k=10)["accuracy"]
+    print(f"accuracy as a classifier: trained {trained:.3f}, label-blind decoder {blind:.3f}")
+    assert trained > 0.5
+    assert 0.03 < blind < 0.2  # 10 % +- 3 standard errors of 300 guesses
+
+
+# ----- which latent dimensions carry information ------------------------------------------------------------------
+def model_with_active_dims(scales: list[float]) -> CVAE:
+    """An untrained CVAE whose posterior mean in dimension i is the untrained one times scales[i] (0: constant)."""
+    torch.manual_seed(0)
+    model = CVAE(latent_dim=len(scales))
+    with torch.no_grad():
+        model.encoder.mean.weight.mul_(torch.tensor(scales)[:, None])
+        model.encoder.mean.bias.mul_(torch.tensor(scales))
+    return model
+
+
+def test_a_dimension_with_no_variance_is_not_active(test_set):
+    from model import active_units, activity
+
+    images, labels = test_set[0][:1000], test_set[1][:1000]
+    model = model_with_active_dims([10.0, 10.0, 0.0, 10.0])
+    means = model.posterior_means(images, labels)
+    variance = np.var(means.double().numpy(), axis=0, ddof=1)
+    assert activity(means).numpy() == pytest.approx(variance)
+    assert variance[2] == 0 and all(variance[[0, 1, 3]] > 0.01)
+    assert active_units(means) == 3
+
+
+def test_the_two_most_informative_dims_are_shown(test_set, evaluation, tmp_path, monkeypatch):
+    """A 5-D latent whose means vary most in z[3], then z[1]: the scatter and the manifold show z[1] and z[3]."""
+    from model import informative_dims
+
+    images, labels = test_set[0][:1000], test_set[1][:1000]
+    model = model_with_active_dims([0.1, 10.0, 0.1, 20.0, 0.1])
+    means = model.posterior_means(images, labels)
+    assert informative_dims(means) == (1, 3)
+    assert informative_dims(means[:, [1, 3]]) == (0, 1)  # at most two: all of them, in order
+    assert evaluation.latent_metrics(model, images, labels)["informative_dims"] == [1, 3]
+
+    figures = {}
+    monkeypatch.setattr(evaluation, "save", lambda fig, out_dir, name: figures.setdefault(name, fig))
+    evaluation.plot_latent_scatter(model, images, labels, tmp_path, (1, 3))
+    ax = figures["latent_scatter.png"].axes[0]
+    assert (ax.get_xlabel(), ax.get_ylabel()) == ("z[1] (posterior mean)", "z[3] (posterior mean)")
+    shown = np.asarray(ax.collections[0].get_offsets())
+    assert sorted(map(tuple, shown)) == sorted(map(tuple, means[:, [1, 3]].numpy()))
+
+    grid, q = evaluation.manifold(model, steps=3, dims=(1, 3))
+    z = torch.zeros(1, 5)
+    z[0, 1], z[0, 3] = q[0], q[-1]  # top left: the smallest z[1], the largest z[3]
+    with torch.no_grad():
+        torch.testing.assert_close(grid[7, 0, 0], model.eval().decode(z, torch.tensor([7])).reshape(28, 28))
 
 
 # ----- training curves ------------------------------------------------------------------------------------------------

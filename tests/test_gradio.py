@@ -278,14 +278,27 @@ def test_many_clients_at_once(served, tmp_path):
             client.close()
 
 
-def test_wide_latent_fixes_the_other_dims_at_zero(tmp_path):
+def test_wide_latent_slides_its_two_most_informative_dims_and_fixes_the_rest_at_zero(tmp_path, data_dir):
     model = load_cvae(save_untrained(tmp_path / "wide.ckpt", latent_dim=5))
-    explorer = ui.Explorer(model)
-    png = explorer.generate(2, 1.0, -1.0)
-    assert_same_pixels(png, decoded(model, [[1.0, -1.0, 0, 0, 0]], [2])[0])
-    assert "z2…z4 stay fixed at 0" in ui.page_notes(explorer)[1]
-    assert explorer.manifold(2, 0.0, 0.0).shape == (ui.GRID * 28, ui.GRID * 28, 3)
-    assert isinstance(ui.build_app(model), ui.gr.Blocks)  # builds (and serves nothing)
+    with torch.no_grad():  # posterior means that vary most in z[3], then z[1]
+        model.encoder.mean.weight.mul_(torch.tensor([0.1, 10.0, 0.1, 20.0, 0.1])[:, None])
+    dims = ui.slider_dims(model, data_dir)
+    assert dims == (1, 3)
+    explorer = ui.Explorer(model, dims)
+    assert explorer.names == ("z[1]", "z[3]")
+    assert "the sliders set z[1] and z[3]" in ui.page_notes(explorer)[1]
+    assert "the other 3 stay fixed at 0" in ui.page_notes(explorer)[1]
+    assert_same_pixels(explorer.generate(2, 1.0, -1.0), decoded(model, [[0, 1.0, 0, -1.0, 0]], [2])[0])
+    # The manifold's top-left cell: the smallest z[1] and the largest z[3] of the slider square.
+    centre = (0.5 / ui.GRID * 2 - 1) * ui.Z_RANGE
+    assert_same_pixels(explorer.manifold_grid(2)[:28, :28], decoded(model, [[0, centre, 0, -centre, 0]], [2])[0])
+    # The fitted prior of digit 4 is narrow around (-0.25, 0.2, 0, 0, 0): the sliders get its z[1] and z[3].
+    assert explorer.random_z(4) == pytest.approx((0.2, 0.0), abs=0.1)
+    assert isinstance(ui.build_app(model, dims), ui.gr.Blocks)  # builds (and serves nothing)
+    # A 2-D latent needs no data: the sliders are the whole code.
+    narrow = load_cvae(save_untrained(tmp_path / "narrow.ckpt"))
+    assert ui.slider_dims(narrow, tmp_path / "no-data") is None
+    assert ui.Explorer(narrow).names == ("z0", "z1")
 
 
 def run_main(argv: list[str], capsys) -> tuple[int, str]:

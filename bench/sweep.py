@@ -1,0 +1,378 @@
+"""What beta, the size of z and training length do: a grid of training runs, each judged by test.py's evaluate().
+
+    python bench/sweep.py                               # the whole grid on seeds 0 1 2 -> runs/sweep/
+    python bench/sweep.py --grid beta --jobs 2          # only the beta cells, two runs at a time
+    python bench/sweep.py --print-commands > jobs.txt   # the train.py commands, one per line, for a scheduler
+                                                        # (run them in the repo's root); then a plain
+                                                        # `python bench/sweep.py` judges the checkpoints they wrote
+    python bench/sweep.py --report-only                 # the table and figures from results.csv as it stands
+
+The grid (GRIDS): beta 0.25 ... 2 at z size 2 and 10 epochs; z size 2, 4, 8, 16 at beta 1; 10, 20 and 40 epochs at
+beta 1. A run is one plain `python train.py --kl-weight B --latent-dim D --epochs E --seed S ...` (the default recipe
+otherwise: KL warm-up, fitted prior), then evaluate() on its checkpoint. Each run adds a row to OUT_DIR/results.csv
+when it is judged; a run already there is skipped, so an interrupted sweep continues where it stopped, and a run whose
+checkpoint exists is judged without training it again. From the CSV (write_report): sweep.md, the medians and ranges
+per cell, and three figures: rate_distortion.png (Alemi et al. 2018), beta_metrics.png and beta_samples.png.
+"""
+from __future__ import annotations
+
+import csv
+import math
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the repo's scripts, test.py before the standard library's test package
+sys.path.insert(1, str(ROOT / "bench"))
+
+# After the path:
+from checkpoint import load_cvae  # noqa: E402
+from classifier import load_judge  # noqa: E402
+from cli import ArgParser, bounded  # noqa: E402
+from dataset import DEFAULT_DATA_DIR  # noqa: E402
+from seeds import SeedRow, seed_row, train, train_command  # noqa: E402
+from test import (CLASSIFY_IW_SAMPLES, CLASSIFY_PER_DIGIT, DPI, IW_SAMPLES, evaluate, show_grid, tile,  # noqa: E402
+                  tile_centres)
+
+
+class Cell(NamedTuple):
+    """One recipe of the grid; each runs on every seed."""
+
+    kl_weight: float
+    latent_dim: int
+    epochs: int
+
+
+DEFAULT = Cell(1.0, 2, 10)  # train.py's defaults; the beta, z and epochs grids each vary one of these
+GRIDS = {
+    "beta": [DEFAULT._replace(kl_weight=b) for b in (0.25, 0.5, 0.75, 1.0, 1.5, 2.0)],
+    "z": [DEFAULT._replace(latent_dim=d) for d in (2, 4, 8, 16)],
+    "epochs": [DEFAULT._replace(epochs=e) for e in (10, 20, 40)],
+}
+# The CSV: the cell, then a SeedRow (its list of KL per dimension space-separated), the checkpoint and any extra flags.
+FIELDS = ("name", *Cell._fields, *SeedRow._fields, "ckpt", "train_args")
+SAMPLE_SEED = 0  # the codes beta_samples.png decodes under every beta
+
+
+class Run(NamedTuple):
+    cell: Cell
+    seed: int
+
+    @property
+    def name(self) -> str:
+        b, d, e = self.cell
+        return f"beta{b:g}-z{d}-e{e}-seed{self.seed}"
+
+
+def grid_runs(grids: list[str], seeds: list[int]) -> list[Run]:
+    """Every run of the chosen grids, each cell once (the default cell is in all three), cell by cell."""
+    cells = dict.fromkeys(cell for grid in grids for cell in GRIDS[grid])
+    return [Run(cell, seed) for cell in cells for seed in seeds]
+
+
+def paths(run: Run, out_dir: Path) -> tuple[Path, Path, Path]:
+    """(final checkpoint, train.py's --run-dir, the log of its output) of a run."""
+    return out_dir / "ckpts" / f"{run.name}.ckpt", out_dir / "runs" / run.name, out_dir / "logs" / f"{run.name}.log"
+
+
+def command(run: Run, args) -> list[str]:
+    """The train.py command of a run."""
+    ckpt, run_dir, _ = paths(run, args.out_dir)
+    b, d, e = run.cell
+    return train_command(ckpt, run_dir, ["--kl-weight", f"{b:g}", "--latent-dim", str(d), "--epochs", str(e),
+                                         "--seed", str(run.seed), "--data-dir", str(args.data_dir),
+                                         "--num-threads", str(args.num_threads), *shlex.split(args.train_args)])
+
+
+# ----- running ------------------------------------------------------------------------------------------------------
+def run_one(run: Run, args, judge) -> dict[str, Any]:
+    """Train a run (unless its checkpoint exists) and judge it: its CSV row."""
+    ckpt, _, log = paths(run, args.out_dir)
+    train_s = math.nan if ckpt.is_file() else train(command(run, args), log)
+    metrics = evaluate(load_cvae(ckpt), args.data_dir, args.samples_per_digit, seed=0, iw_samples=args.iw_samples,
+                       judge=judge, classify_per_digit=args.classify_per_digit,
+                       classify_iw_samples=args.classify_iw_samples)
+    row = seed_row(run.seed, train_s, metrics)._asdict()
+    row["kl_dims"] = " ".join(f"{v:.4f}" for v in row["kl_dims"])
+    return {"name": run.name, **run.cell._asdict(), **row, "ckpt": str(ckpt), "train_args": args.train_args}
+
+
+def append_row(path: Path, row: dict[str, Any]) -> None:
+    new = not path.is_file()
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+
+
+def read_results(path: Path) -> list[dict[str, Any]]:
+    """The CSV's rows with numbers as numbers; none when there is no CSV yet."""
+    if not path.is_file():
+        return []
+    text = {"name", "prior", "ckpt", "train_args"}
+    whole = {"latent_dim", "epochs", "seed", "active_units"}
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    for row in rows:
+        for key, value in row.items():
+            if key == "kl_dims":
+                row[key] = [float(v) for v in value.split()]
+            elif key not in text:
+                row[key] = int(value) if key in whole else float(value)
+    return rows
+
+
+def run_grid(runs: list[Run], args) -> int:
+    """Train and judge `runs`, args.jobs at a time, appending each row to the CSV as it comes; returns how many
+    failed (their train.py logs say why)."""
+    for folder in ("ckpts", "runs", "logs"):
+        (args.out_dir / folder).mkdir(parents=True, exist_ok=True)
+    judge, _ = load_judge()
+    failed = 0
+    # Threads suffice: training runs in its own process and evaluation in torch, which releases the GIL.
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        futures = {pool.submit(run_one, run, args, judge): run for run in runs}
+        for future in as_completed(futures):
+            run = futures[future]
+            try:
+                row = future.result()
+            except subprocess.CalledProcessError:
+                failed += 1
+                print(f"{run.name}: train.py failed, see {paths(run, args.out_dir)[2]}", file=sys.stderr)
+                continue
+            append_row(args.out_dir / "results.csv", row)
+            print(f"{run.name}: KL {row['kl']:.2f}, distortion {row['recon']:.2f}, "
+                  f"cond. acc. {100 * row['accuracy']:.2f}%, FID {row['fid']:.1f}", flush=True)
+    return failed
+
+
+# ----- the report ---------------------------------------------------------------------------------------------------
+def cells_of(rows: list[dict[str, Any]]) -> dict[Cell, list[dict[str, Any]]]:
+    """The rows grouped by cell, in the grid's order: the beta cells, then wider z, then longer training."""
+    groups: dict[Cell, list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault(Cell(row["kl_weight"], row["latent_dim"], row["epochs"]), []).append(row)
+    return dict(sorted(groups.items(), key=lambda item: (item[0].epochs, item[0].latent_dim, item[0].kl_weight)))
+
+
+def spread(values: list[float], fmt: str, scale: float = 1.0) -> str:
+    """'median (min–max)' of the values over seeds; NaN (a train time not measured) left out."""
+    v = [scale * x for x in values if not math.isnan(x)]
+    return f"{statistics.median(v):{fmt}} ({min(v):{fmt}}–{max(v):{fmt}})" if v else "–"
+
+
+TABLE = (  # column, CSV field, format, scale
+    ("KL (rate)", "kl", ".2f", 1), ("distortion", "recon", ".2f", 1), ("−ELBO", "neg_elbo", ".2f", 1),
+    ("IW bound", "iw_bound", ".2f", 1), ("active units", "active_units", "g", 1),
+    ("as a classifier (%)", "class_accuracy", ".1f", 100), ("cond. acc. (%)", "accuracy", ".2f", 100),
+    ("sample FID", "fid", ".1f", 1), ("train.py (s)", "train_s", ".0f", 1),
+)
+
+
+def write_table(rows: list[dict[str, Any]], path: Path) -> Path:
+    """sweep.md: per cell, the median over its seeds and (in brackets) the smallest and largest value."""
+    lines = ["| β | z | epochs | seeds | " + " | ".join(name for name, *_ in TABLE) + " |",
+             "|" + "---|" * (4 + len(TABLE))]
+    for cell, group in cells_of(rows).items():
+        values = " | ".join(spread([row[key] for row in group], fmt, scale) for _, key, fmt, scale in TABLE)
+        lines.append(f"| {cell.kl_weight:g} | {cell.latent_dim} | {cell.epochs} | {len(group)} | {values} |")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def beta_colours(betas: list[float]) -> dict[float, Any]:
+    from matplotlib import colormaps
+
+    cmap = colormaps["viridis"]
+    return {b: cmap(i / max(1, len(betas) - 1)) for i, b in enumerate(sorted(betas))}
+
+
+def plot_rate_distortion(rows: list[dict[str, Any]], out_dir: Path) -> Path:
+    """rate_distortion.png: each run's rate (KL) against its distortion (summed squared error), coloured by beta,
+    with dashed lines of equal -ELBO = distortion + rate (Alemi et al. 2018, "Fixing a Broken ELBO")."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    fig = Figure(figsize=(8.0, 6.5), dpi=DPI)  # the object API, as in test.py
+    ax = fig.add_axes((0.1, 0.1, 0.86, 0.8))
+    colours = beta_colours(sorted({row["kl_weight"] for row in rows}))
+    markers = {2: "o", 4: "s", 8: "^", 16: "D"}
+    for row in rows:
+        ax.scatter(row["recon"], row["kl"], color=colours[row["kl_weight"]], marker=markers.get(row["latent_dim"], "P"),
+                   s=30 * row["epochs"] / DEFAULT.epochs, edgecolors="0.2", linewidths=0.5, zorder=3)
+    for b, colour in colours.items():
+        ax.scatter([], [], color=colour, label=f"β = {b:g}")
+    for d in sorted({row["latent_dim"] for row in rows}):
+        ax.scatter([], [], color="white", edgecolors="0.2", marker=markers.get(d, "P"), label=f"z size {d}")
+    x_lim, y_lim = ax.get_xlim(), ax.get_ylim()
+    sums = [row["recon"] + row["kl"] for row in rows]
+    for total in MaxNLocator(6).tick_values(min(sums), max(sums)):  # distortion + rate = total
+        ax.plot([total - y_lim[0], total - y_lim[1]], y_lim, "--", color="0.6", lw=0.8, zorder=1)
+        ax.annotate(f"−ELBO {total:g}", (total - y_lim[1], y_lim[1]), xytext=(3, -3), textcoords="offset points",
+                    fontsize=8, color="0.4", ha="left", va="top", annotation_clip=True)
+    ax.set_xlim(x_lim)
+    ax.set_ylim(y_lim)
+    ax.set_xlabel("distortion: summed squared error per test image (one z draw)")
+    ax.set_ylabel("rate: KL(q(z|x,y) || N(0, I)) per test image, nats")
+    ax.legend(fontsize=8, loc="upper right", framealpha=0.9)
+    ax.grid(alpha=0.3)
+    fig.suptitle("Rate against distortion, one point per run (larger markers: longer training)\n"
+                 "dashed: equal −ELBO = distortion + rate", fontsize=11)
+    return save(fig, out_dir / "rate_distortion.png")
+
+
+BETA_PANELS = (  # CSV field, title, scale
+    ("fid", "sample FID (lower is better)", 1),
+    ("accuracy", "conditional accuracy of samples (%)", 100),
+    ("class_accuracy", "accuracy as a classifier, argmax_y log p(x|y) (%)", 100),
+    ("iw_bound", "importance-weighted bound on −log p(x|y)", 1),
+)
+
+
+def beta_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The runs of the beta grid: default z size and training length."""
+    return [row for row in rows if (row["latent_dim"], row["epochs"]) == (DEFAULT.latent_dim, DEFAULT.epochs)]
+
+
+def plot_beta_metrics(rows: list[dict[str, Any]], out_dir: Path) -> Path:
+    """beta_metrics.png: sample FID, conditional accuracy, accuracy as a classifier and the IW bound against beta;
+    the median over seeds joined by a line, every seed a dot, the bar from the smallest to the largest."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10.0, 7.0), dpi=DPI)
+    axes = fig.subplots(2, 2, gridspec_kw=dict(left=0.08, right=0.98, bottom=0.08, top=0.88, wspace=0.22,
+                                               hspace=0.35))
+    groups = {cell.kl_weight: group for cell, group in cells_of(beta_rows(rows)).items()}
+    betas = sorted(groups)
+    for ax, (key, title, scale) in zip(axes.flat, BETA_PANELS):
+        values = [[scale * row[key] for row in groups[b]] for b in betas]
+        medians = [statistics.median(v) for v in values]
+        ax.errorbar(betas, medians, yerr=[[m - min(v) for m, v in zip(medians, values)],
+                                          [max(v) - m for m, v in zip(medians, values)]],
+                    fmt="-o", capsize=3, color="tab:blue", zorder=2)
+        for b, v in zip(betas, values):
+            ax.scatter([b] * len(v), v, s=8, color="0.5", zorder=3)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(betas, [f"{b:g}" for b in betas])
+        ax.minorticks_off()
+        ax.set_xlabel("β (KL weight)")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+    seeds = sorted({row["seed"] for row in beta_rows(rows)})
+    fig.suptitle(f"What β does (z size {DEFAULT.latent_dim}, {DEFAULT.epochs} epochs): median over seeds "
+                 f"{', '.join(map(str, seeds))}, bars from the smallest to the largest", fontsize=11)
+    return save(fig, out_dir / "beta_metrics.png")
+
+
+def beta_samples(rows: list[dict[str, Any]], per_row: int = 10):
+    """For every beta of the beta grid with a checkpoint on disk (its lowest seed's): digits 0, 1, ... decoded from
+    the same codes z ~ N(0, I), drawn from SAMPLE_SEED. Returns (betas, images (len(betas), per_row, 28, 28))."""
+    chosen = {}
+    for row in sorted(beta_rows(rows), key=lambda row: row["seed"]):
+        if Path(row["ckpt"]).is_file():
+            chosen.setdefault(row["kl_weight"], row["ckpt"])
+    betas = sorted(chosen)
+    z = torch.randn(per_row, DEFAULT.latent_dim, generator=torch.Generator().manual_seed(SAMPLE_SEED))
+    labels = torch.arange(per_row) % 10
+    images = [load_cvae(chosen[b]).sample(labels, z=z)[:, 0] for b in betas]
+    return betas, torch.stack(images) if images else torch.empty(0, per_row, 28, 28)
+
+
+def plot_beta_samples(rows: list[dict[str, Any]], out_dir: Path) -> Path | None:
+    """beta_samples.png: one row of samples per beta, every row from the same codes (beta_samples); None when no
+    checkpoint of the beta grid is on disk."""
+    from matplotlib.figure import Figure
+
+    betas, images = beta_samples(rows)
+    if not betas:
+        return None
+    side, height = images.shape[-1], 0.8 + 0.75 * len(betas)  # inches: title and labels, then a row per beta
+    fig = Figure(figsize=(8.0, height), dpi=DPI)
+    ax = fig.add_axes((0.12, 0.02, 0.86, 0.75 * len(betas) / height))
+    show_grid(ax, tile(images))
+    ax.set_yticks(tile_centres(len(betas), side), [f"β = {b:g}" for b in betas])
+    ax.set_xticks(tile_centres(images.shape[1], side), [str(c % 10) for c in range(images.shape[1])])
+    ax.xaxis.tick_top()
+    ax.tick_params(length=0)
+    fig.suptitle(f"The same codes z ~ N(0, I) (seed {SAMPLE_SEED}) decoded by each β's model (its lowest seed)",
+                 fontsize=10)
+    return save(fig, out_dir / "beta_samples.png")
+
+
+def save(fig, path: Path) -> Path:
+    fig.savefig(path, dpi=DPI)
+    return path
+
+
+def write_report(csv_path: Path, out_dir: Path) -> list[Path]:
+    """The table and figures from a results CSV (any rows; a figure with nothing to show is left out)."""
+    rows = read_results(csv_path)
+    written = [write_table(rows, out_dir / "sweep.md"), plot_rate_distortion(rows, out_dir)]
+    if beta_rows(rows):
+        written.append(plot_beta_metrics(rows, out_dir))
+        written.append(plot_beta_samples(rows, out_dir))
+    return [path for path in written if path is not None]
+
+
+# ----- command line -------------------------------------------------------------------------------------------------
+def build_parser() -> ArgParser:
+    p = ArgParser(description="Train and judge a grid of recipes (beta, z size, epochs) on several seeds; write "
+                              "results.csv, sweep.md and three figures.")
+    p.add_argument("--grid", nargs="+", choices=list(GRIDS), default=list(GRIDS), help="which grids to run")
+    p.add_argument("--seeds", type=bounded(int, 0), nargs="+", default=[0, 1, 2], help="seeds of every cell")
+    p.add_argument("--out-dir", type=Path, default=Path("runs/sweep"),
+                   help="results.csv, the report, and the runs' checkpoints, run folders and logs")
+    p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR, help="where MNIST is")
+    p.add_argument("--jobs", type=bounded(int, 1), default=1, help="runs trained and judged at the same time")
+    p.add_argument("--num-threads", type=bounded(int, 1), default=None,
+                   help="torch threads of each train.py (default: CPU cores / jobs)")
+    p.add_argument("--train-args", default="",
+                   help="extra flags for every train.py, e.g. \"--train-size 1000\" (kept in the CSV; give another "
+                        "recipe its own --out-dir)")
+    p.add_argument("--samples-per-digit", type=bounded(int, 2), default=1_000,
+                   help="prior samples per digit for conditional accuracy and FID")
+    p.add_argument("--iw-samples", type=bounded(int, 1), default=IW_SAMPLES, help="k of the likelihood bound")
+    p.add_argument("--classify-per-digit", type=bounded(int, 1), default=CLASSIFY_PER_DIGIT,
+                   help="test images per digit the CVAE classifies")
+    p.add_argument("--classify-iw-samples", type=bounded(int, 1), default=CLASSIFY_IW_SAMPLES,
+                   help="k of the bound on each log p(x|y) of that classifier")
+    p.add_argument("--print-commands", action="store_true",
+                   help="print the train.py commands of the runs not yet trained, one per line, and exit")
+    p.add_argument("--report-only", action="store_true", help="write the table and figures from results.csv, and exit")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    args.out_dir = args.out_dir.resolve()  # train.py runs in the repo's root
+    args.data_dir = args.data_dir.resolve()
+    args.num_threads = args.num_threads or max(1, (os.cpu_count() or 1) // args.jobs)
+    csv_path = args.out_dir / "results.csv"
+    if args.report_only:
+        print("Wrote", ", ".join(str(p) for p in write_report(csv_path, args.out_dir)))
+        return 0
+    done = {row["name"] for row in read_results(csv_path)}
+    todo = [run for run in grid_runs(args.grid, args.seeds) if run.name not in done]
+    if args.print_commands:
+        for run in todo:
+            if not paths(run, args.out_dir)[0].is_file():
+                print(shlex.join(command(run, args)))
+        return 0
+    torch.set_num_threads(1)  # evaluation; training runs in its own processes with --num-threads each
+    print(f"{len(todo)} runs to go, {len(done)} in {csv_path}; {args.jobs} at a time", flush=True)
+    failed = run_grid(todo, args)
+    print("Wrote", ", ".join(str(p) for p in write_report(csv_path, args.out_dir)))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,184 @@
+"""bench/sweep.py's bookkeeping on tiny grids (which runs it trains, skips and prints) and its report from a small
+handmade results CSV. The training and judging of a run is faked here; test_evaluate.py checks evaluate()."""
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import ROOT
+from model import CVAE
+
+sys.path.insert(0, str(ROOT / "bench"))
+import sweep  # noqa: E402
+
+BETAS = ("0.25", "0.5", "0.75", "1", "1.5", "2")
+
+
+def train_line(out: Path, data: Path, beta: str, latent: int, epochs: int, seed: int) -> str:
+    """The command sweep.py should print for one run, spelled out by hand."""
+    name = f"beta{beta}-z{latent}-e{epochs}-seed{seed}"
+    return (f"python train.py --kl-weight {beta} --latent-dim {latent} --epochs {epochs} --seed {seed} "
+            f"--data-dir {data} --num-threads 1 --no-progress --ckpt {out}/ckpts/{name}.ckpt "
+            f"--run-dir {out}/runs/{name}")
+
+
+def result_row(beta: float, latent: int, epochs: int, seed: int, ckpt: Path | str = "none.ckpt", **numbers) -> dict:
+    """A CSV row as sweep.py writes it, with made-up numbers (overridden by `numbers`)."""
+    row = {"name": sweep.Run(sweep.Cell(beta, latent, epochs), seed).name, "kl_weight": beta, "latent_dim": latent,
+           "epochs": epochs, "seed": seed, "train_s": 60.0, "kl": 3.0, "kl_dims": "1.5 1.5", "active_units": latent,
+           "recon": 27.0, "mse": 0.03, "neg_elbo": 30.0, "iw_bound": 29.5, "class_accuracy": 0.9, "prior": "fitted",
+           "accuracy": 0.99, "fid": 70.0, "recon_fid": 69.0, "standard_accuracy": 0.98, "standard_fid": 75.0,
+           "ckpt": str(ckpt), "train_args": ""}
+    row.update(numbers)
+    assert list(row) == list(sweep.FIELDS)
+    return row
+
+
+def write_csv(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=sweep.FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def test_print_commands_prints_the_train_commands_of_the_runs_not_yet_done(tmp_path, capsys):
+    out, data = tmp_path / "sweep", tmp_path / "mnist"
+    write_csv(out / "results.csv", [result_row(0.25, 2, 10, 1)])  # judged already
+    (out / "ckpts").mkdir()
+    (out / "ckpts" / "beta0.5-z2-e10-seed0.ckpt").touch()  # trained (by a scheduler), not judged yet
+    assert sweep.main(["--grid", "beta", "--seeds", "0", "1", "--out-dir", str(out), "--data-dir", str(data),
+                       "--num-threads", "1", "--print-commands"]) == 0
+    expected = [train_line(out, data, b, 2, 10, s) for b in BETAS for s in (0, 1)
+                if (b, s) not in (("0.25", 1), ("0.5", 0))]
+    assert capsys.readouterr().out.splitlines() == expected
+    assert sorted(p.name for p in out.iterdir()) == ["ckpts", "results.csv"]  # printing writes nothing
+
+
+def test_the_whole_grid_is_eleven_cells_on_three_seeds(tmp_path, capsys):
+    """beta (6 cells at z 2, 10 epochs), z (2, 4, 8, 16 at beta 1) and epochs (10, 20, 40): the default cell once."""
+    out, data = tmp_path / "sweep", tmp_path / "mnist"
+    assert sweep.main(["--out-dir", str(out), "--data-dir", str(data), "--num-threads", "1",
+                       "--print-commands"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    expected = ([train_line(out, data, b, 2, 10, s) for b in BETAS for s in (0, 1, 2)]
+                + [train_line(out, data, "1", d, 10, s) for d in (4, 8, 16) for s in (0, 1, 2)]
+                + [train_line(out, data, "1", 2, e, s) for e in (20, 40) for s in (0, 1, 2)])
+    assert printed == expected
+
+
+def test_a_sweep_skips_the_runs_in_its_csv_and_retries_the_failed_ones(tmp_path, monkeypatch):
+    out = tmp_path / "sweep"
+    calls, fails_once = [], {"beta1-z2-e40-seed1"}
+
+    def fake_run_one(run, args, judge):
+        calls.append(run.name)
+        if run.name in fails_once:
+            fails_once.remove(run.name)
+            raise subprocess.CalledProcessError(1, "train.py")
+        b, d, e = run.cell
+        return result_row(b, d, e, run.seed, kl=float(len(calls)))
+
+    monkeypatch.setattr(sweep, "run_one", fake_run_one)
+    monkeypatch.setattr(sweep, "load_judge", lambda: (None, ""))
+    argv = ["--grid", "epochs", "--out-dir", str(out), "--data-dir", str(tmp_path), "--jobs", "2"]
+    assert sweep.main([*argv, "--seeds", "0"]) == 0
+    assert sorted(calls) == ["beta1-z2-e10-seed0", "beta1-z2-e20-seed0", "beta1-z2-e40-seed0"]
+    assert sorted(row["name"] for row in sweep.read_results(out / "results.csv")) == sorted(calls)
+
+    calls.clear()
+    assert sweep.main([*argv, "--seeds", "0"]) == 0  # all done: nothing runs
+    assert calls == []
+    assert sweep.main([*argv, "--seeds", "0", "1"]) == 1  # three new runs, one fails
+    assert sorted(calls) == ["beta1-z2-e10-seed1", "beta1-z2-e20-seed1", "beta1-z2-e40-seed1"]
+    assert len(sweep.read_results(out / "results.csv")) == 5
+    calls.clear()
+    assert sweep.main([*argv, "--seeds", "0", "1"]) == 0  # only the failed run again
+    assert calls == ["beta1-z2-e40-seed1"]
+    rows = sweep.read_results(out / "results.csv")
+    assert len(rows) == 6 and len({row["name"] for row in rows}) == 6
+    assert (out / "sweep.md").is_file() and (out / "rate_distortion.png").is_file()
+
+
+def save_untrained(path: Path, seed: int) -> Path:
+    torch.manual_seed(seed)
+    model = CVAE()
+    torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams)}, path)
+    return path
+
+
+@pytest.fixture
+def handmade(tmp_path) -> tuple[Path, list[dict]]:
+    """A results CSV of three betas on three seeds (seed 0 with a checkpoint on disk), a z = 4 and a 20-epoch run."""
+    rows = []
+    for i, beta in enumerate((0.5, 1.0, 2.0)):
+        ckpt = save_untrained(tmp_path / f"beta{beta:g}.ckpt", seed=i)
+        for seed in (0, 1, 2):
+            rows.append(result_row(beta, 2, 10, seed, ckpt if seed == 0 else tmp_path / "gone.ckpt",
+                                   kl=1.0 + i + seed ** 2, recon=30.0 - 2 * i + seed / 10,
+                                   fid=60.0 + 10 * i + seed ** 2,
+                                   accuracy=0.9 + 0.01 * seed, class_accuracy=0.5 + 0.1 * i,
+                                   iw_bound=31.0 - i, active_units=2 - (seed == 2)))
+    rows += [result_row(1.0, 4, 10, 0, kl=5.0, recon=25.0, active_units=3),
+             result_row(1.0, 2, 20, 0, kl=3.5, recon=26.0, train_s=float("nan"))]
+    return write_csv(tmp_path / "out" / "results.csv", rows), rows
+
+
+def test_the_report_writes_the_table_and_three_figures(handmade, monkeypatch):
+    csv_path, rows = handmade
+    out = csv_path.parent
+    figures = {}
+    real_save = sweep.save
+
+    def keep(fig, path):
+        figures[path.name] = fig
+        return real_save(fig, path)
+
+    monkeypatch.setattr(sweep, "save", keep)
+    written = sweep.write_report(csv_path, out)
+    assert [p.name for p in written] == ["sweep.md", "rate_distortion.png", "beta_metrics.png", "beta_samples.png"]
+    for path in written[1:]:
+        with Image.open(path) as img:
+            assert img.format == "PNG" and np.asarray(img.convert("L")).std() > 10, path.name
+
+    # The table: one line per cell, beta grid first; medians over seeds with the smallest and largest value.
+    lines = (out / "sweep.md").read_text().splitlines()
+    assert len(lines) == 2 + 5
+    assert lines[2].startswith("| 0.5 | 2 | 10 | 3 | 2.00 (1.00–5.00) | 30.10 (30.00–30.20) |")  # not the mean
+    assert "| 71.0 (70.0–74.0) |" in lines[3] and "| 2 (1–2) |" in lines[3]  # beta 1: FID, active units
+    assert lines[5].startswith("| 1 | 4 | 10 | 1 | 5.00 (5.00–5.00) | 25.00 (25.00–25.00) |")
+    assert lines[6].startswith("| 1 | 2 | 20 | 1 |") and lines[6].endswith("| – |")  # no train time measured
+
+    # Rate against distortion: every run a point, and dashed lines of equal distortion + rate.
+    ax = figures["rate_distortion.png"].axes[0]
+    points = sorted(tuple(p) for c in ax.collections for p in np.asarray(c.get_offsets()))
+    assert points == sorted((row["recon"], row["kl"]) for row in rows)
+    dashed = [line for line in ax.get_lines() if line.get_linestyle() == "--"]
+    assert len(dashed) >= 3
+    for line in dashed:
+        x, y = line.get_data()
+        assert x[0] + y[0] == pytest.approx(x[1] + y[1])
+
+    # Against beta: the beta grid's medians over seeds, FID panel first.
+    fid_line = figures["beta_metrics.png"].axes[0].get_lines()[0]
+    assert list(fid_line.get_xdata()) == [0.5, 1.0, 2.0]
+    assert list(fid_line.get_ydata()) == [61.0, 71.0, 81.0]
+
+
+def test_the_sample_rows_decode_the_same_codes_under_every_beta(handmade):
+    _, rows = handmade
+    betas, images = sweep.beta_samples(sweep.read_results(handmade[0]))
+    assert betas == [0.5, 1.0, 2.0] and images.shape == (3, 10, 28, 28)
+    z = torch.randn(10, 2, generator=torch.Generator().manual_seed(sweep.SAMPLE_SEED))
+    for i, beta in enumerate(betas):
+        model = sweep.load_cvae(rows[3 * i]["ckpt"])  # the seed-0 checkpoint of that beta
+        torch.testing.assert_close(images[i], model.sample(torch.arange(10), z=z)[:, 0])
+    assert (images[0] - images[1]).abs().mean() > 1e-3  # three different models
