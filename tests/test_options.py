@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import io
+import json
 import socket
 from pathlib import Path
 from types import SimpleNamespace
@@ -19,12 +20,14 @@ import numpy as np
 import pytest
 import torch
 
+import gradio_test as ui
 import train
 from checkpoint import load_cvae, safe_torch_load
 from classifier import JUDGE_PATH, features_and_predictions, fid, load_judge, sha256_of
 from dataset import load_split
 from model import CVAE
 from prior import fit_gmm_prior, posterior_means
+from test_gradio import assert_same_pixels, decoded, digit_picture, free_port, read_png, save_untrained
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -236,6 +239,7 @@ EVAL_SEED, PER_DIGIT, STEPS, IW_K, EVAL_THREADS = 5, 4, 3, 3, 2
 # test.py reads the whole test set; here it gets the first TEST_IMAGES of it (two of every digit are among them, as the
 # reconstructions figure needs), which keeps this run to seconds.
 TEST_IMAGES = 1_000
+PIXELS = 28 * 28
 
 
 def load_script(name: str):
@@ -296,8 +300,6 @@ def evaluated(rich_run, evaluation, other_judge, data_dir, tmp_path_factory) -> 
         finally:
             torch.set_num_threads(threads)
     assert code == 0
-    import json
-
     return SimpleNamespace(out=out, work=work, metrics=json.loads((out / "metrics.json").read_text()), grids=grids,
                            figures=figures, threads=used_threads, model=load_cvae(rich_run.ckpt))
 
@@ -327,19 +329,30 @@ def test_metrics_name_the_checkpoint_seed_judge_and_model(evaluated, rich_run, o
 
 
 def test_test_terms_use_the_seed_and_the_models_kl_weight(evaluated, test_images):
-    """The test ELBO draws eps from --seed and weights KL by the checkpoint's kl_weight (0.5 here, not 1)."""
+    """The test ELBO draws eps from --seed and weights KL by the checkpoint's kl_weight (0.5 here, not 1). A briefly
+    trained decoder barely depends on z, so the reconstruction term must sit far closer to the one from --seed's eps
+    than another seed's eps would put it (the two differ by about 1e-4 relative)."""
     model, t = evaluated.model, evaluated.metrics["test"]
     images, labels = test_images
+
+    def sse(seed: int) -> float:
+        eps = torch.randn(len(images), LATENT, generator=torch.Generator().manual_seed(seed))
+        recon = model.decode(mean + torch.exp(0.5 * logvar) * eps, labels)
+        return (recon - images.flatten(1)).pow(2).sum(1).mean().item()
+
     with torch.no_grad():
         mean, logvar = model.encode(images, labels)
-        eps = torch.randn(len(images), LATENT, generator=torch.Generator().manual_seed(EVAL_SEED))
-        recon = model.decode(mean + torch.exp(0.5 * logvar) * eps, labels)
-        sse = (recon - images.flatten(1)).pow(2).sum(1).mean().item()
+        seeded, other = sse(EVAL_SEED), sse(EVAL_SEED + 1)
         kl_dims = (-0.5 * (1 + logvar - mean.pow(2) - logvar.exp())).mean(0)
     assert t["kl_weight"] == KL_WEIGHT
-    assert t["recon_per_image"] == pytest.approx(sse, rel=1e-4)
+    assert abs(t["recon_per_image"] - seeded) < abs(other - seeded) / 10
     assert t["kl_per_dim"] == pytest.approx(kl_dims.tolist(), rel=1e-4) and len(t["kl_per_dim"]) == LATENT
-    assert t["loss_per_image"] == pytest.approx(sse + KL_WEIGHT * kl_dims.sum().item(), rel=1e-4)
+    assert t["loss_per_image"] == pytest.approx(seeded + KL_WEIGHT * kl_dims.sum().item(), rel=1e-4)
+    assert t["mse_per_pixel"] == pytest.approx(t["recon_per_image"] / PIXELS, rel=1e-9)
+    with torch.no_grad():
+        at_mean = (model.decode(mean, labels) - images.flatten(1)).pow(2).mean().item()
+    assert t["mse_per_pixel_posterior_mean"] == pytest.approx(at_mean, rel=1e-4)
+    assert t["images"] == TEST_IMAGES
 
 
 def test_iw_bound_uses_iw_samples(evaluated, evaluation, test_images):
@@ -347,6 +360,10 @@ def test_iw_bound_uses_iw_samples(evaluated, evaluation, test_images):
     lk = evaluated.metrics["likelihood"]
     bound = evaluation.iw_bound(evaluated.model, *test_images, IW_K, EVAL_SEED).mean().item()
     assert lk["iw_samples"] == IW_K
+    # The -ELBO is recon + KL whatever beta trained the model (here 0.5: the loss would be smaller).
+    t = evaluated.metrics["test"]
+    assert lk["neg_elbo_per_image"] == pytest.approx(t["recon_per_image"] + t["kl_per_image"], rel=1e-9)
+    assert lk["neg_elbo_nats_per_image"] == pytest.approx(lk["neg_elbo_per_image"] + evaluation.GAUSSIAN_CONSTANT)
     assert lk["iw_bound_per_image"] == pytest.approx(bound, rel=1e-6)
     assert lk["iw_bound_nats_per_image"] == pytest.approx(bound + evaluation.GAUSSIAN_CONSTANT, rel=1e-6)
     assert f"{evaluation.GAUSSIAN_CONSTANT:.2f}" in lk["units"]
@@ -366,7 +383,9 @@ def test_generation_uses_the_judge_seed_and_samples_per_digit(evaluated, other_j
         feats, preds = features_and_predictions(judge, samples)
         g = m["generation"][prior]
         assert g["samples"] == 10 * PER_DIGIT
-        assert g["conditional_accuracy"] == pytest.approx((preds == wanted).double().mean().item(), abs=1e-12)
+        hits = (preds == wanted).double()
+        assert g["conditional_accuracy"] == pytest.approx(hits.mean().item(), abs=1e-12)
+        assert g["per_digit"] == pytest.approx([hits[wanted == c].mean().item() for c in range(10)], abs=1e-12)
         assert g["fid"] == pytest.approx(fid(feats, test_feats), rel=1e-6)
         shipped_fid = fid(features_and_predictions(shipped, samples)[0], features_and_predictions(shipped, images)[0])
         assert g["fid"] != pytest.approx(shipped_fid, rel=1e-3)
@@ -480,8 +499,6 @@ def test_eval_refuses_a_device_it_cannot_use(device, word, evaluation, data_dir,
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_eval_on_cuda_gives_the_cpu_numbers(evaluation, tiny_ckpt, data_dir, tmp_path, capsys):
     """--device cuda runs the model and the judge there, and reports what the CPU reports (to float tolerance)."""
-    import json
-
     common = ["--ckpt", str(tiny_ckpt), "--data-dir", str(data_dir), "--samples-per-digit", "20",
               "--manifold-steps", "2", "--iw-samples", "4"]
     numbers = {}
@@ -496,9 +513,6 @@ def test_eval_on_cuda_gives_the_cpu_numbers(evaluation, tiny_ckpt, data_dir, tmp
 
 
 # ----- gradio_test.py: its flags and the page's events ---------------------------------------------------------------
-import gradio_test as ui  # noqa: E402  (the UI part of this file; gradio is slow to import)
-from test_gradio import assert_same_pixels, decoded, digit_picture, free_port, read_png, save_untrained  # noqa: E402
-
 LIVE = ("digit", "z0", "z1")
 # handler -> (the events that run it, its inputs, its outputs), components named by elem_id (buttons by their text)
 WIRING = {
