@@ -25,8 +25,8 @@ import train
 from checkpoint import load_cvae, safe_torch_load
 from classifier import JUDGE_PATH, features_and_predictions, fid, load_judge, sha256_of
 from dataset import load_split
-from model import CVAE
-from prior import fit_gmm_prior, posterior_means
+from model import CVAE, informative_dims
+from prior import fit_gmm_prior
 from test_gradio import assert_same_pixels, decoded, digit_picture, free_port, read_png, save_untrained
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -93,7 +93,8 @@ def rich_run(data_dir, tmp_path_factory) -> SimpleNamespace:
     threads = torch.get_num_threads()
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(work)
-        mp.setattr(train, "build_trainer", lambda args, callbacks=None: build_trainer(args, [*(callbacks or []), probe]))
+        mp.setattr(train, "build_trainer",
+                   lambda args, callbacks=None: build_trainer(args, [*(callbacks or []), probe]))
         torch.set_num_threads(TRAIN_THREADS + 1)  # so that --num-threads has something to change
         try:
             code = train.main([*RICH, "--data-dir", str(data_dir), "--ckpt", str(ckpt), "--run-dir", str(run_dir)])
@@ -182,7 +183,7 @@ def test_prior_kind_components_and_seed_reach_the_fitted_prior(rich_run):
     assert prior["kind"] == PRIOR and prior["weights"].shape == (1, COMPONENTS)
     assert prior["means"].shape == (1, COMPONENTS, LATENT)
     train_set = rich_run.probe.splits["train"]
-    z = posterior_means(model, train_set.pixels, train_set.labels)
+    z = model.posterior_means(train_set.pixels, train_set.labels)
     expected = fit_gmm_prior(z, train_set.labels, 10, PRIOR, COMPONENTS, seed=SEED)
     for name in ("weights", "means", "scale_tril"):
         torch.testing.assert_close(prior[name], expected[name], rtol=1e-4, atol=1e-5)
@@ -389,7 +390,7 @@ def test_generation_uses_the_judge_seed_and_samples_per_digit(evaluated, other_j
         assert g["fid"] == pytest.approx(fid(feats, test_feats), rel=1e-6)
         shipped_fid = fid(features_and_predictions(shipped, samples)[0], features_and_predictions(shipped, images)[0])
         assert g["fid"] != pytest.approx(shipped_fid, rel=1e-3)
-    recon = model.decode(posterior_means(model, images, labels), labels).reshape(images.shape)
+    recon = model.decode(model.posterior_means(images, labels), labels).reshape(images.shape)
     assert m["reconstruction_fid"] == pytest.approx(fid(features_and_predictions(judge, recon)[0], test_feats),
                                                     rel=1e-5)
 
@@ -413,13 +414,15 @@ def test_samples_figure_shows_the_seeded_samples_of_each_digit(evaluated):
     assert f"seed {EVAL_SEED}" in evaluated.figures["samples.png"]._suptitle.get_text()
 
 
-def test_manifold_figure_has_manifold_steps_and_decodes_the_quantile_grid(evaluated):
+def test_manifold_figure_has_manifold_steps_and_decodes_the_quantile_grid(evaluated, test_images):
     """manifold.png: one --manifold-steps x --manifold-steps panel per digit; its corners decode the 0.05 and 0.95
-    quantiles of z1 (left to right) and z2 (bottom to top), the other latent dimension at 0."""
+    quantiles of the two most informative dimensions (left to right, bottom to top), the other one at 0."""
     panels = evaluated.grids["manifold.png"]
     assert len(panels) == 10 and all(p.shape == (STEPS * 28, STEPS * 28) for p in panels)
     q = torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor([0.05, 0.95]))
-    corners = torch.tensor([[q[0], q[1], 0.0], [q[1], q[0], 0.0]])  # top-left, bottom-right
+    across, up = informative_dims(evaluated.model.posterior_means(*test_images))
+    corners = torch.zeros(2, LATENT)  # top-left, bottom-right
+    corners[0, across], corners[0, up], corners[1, across], corners[1, up] = q[0], q[1], q[1], q[0]
     with torch.no_grad():
         for digit in (0, 7):
             want = evaluated.model.decode(corners, torch.tensor([digit, digit])).reshape(2, 28, 28).numpy()
@@ -428,8 +431,10 @@ def test_manifold_figure_has_manifold_steps_and_decodes_the_quantile_grid(evalua
 
 
 def test_latent_scatter_plots_the_test_posterior_means(evaluated, test_images):
-    """latent_scatter.png: one point per test image at its posterior mean (z1, z2), coloured by its digit."""
-    z = posterior_means(evaluated.model, *test_images)[:, :2].numpy()
+    """latent_scatter.png: one point per test image at its posterior mean in the two most informative dimensions,
+    coloured by its digit."""
+    means = evaluated.model.posterior_means(*test_images)
+    z = means[:, list(informative_dims(means))].numpy()
     points = evaluated.figures["latent_scatter.png"].axes[0].collections[0]
     plotted = np.asarray(points.get_offsets())
     order, want = np.lexsort(plotted.T), np.lexsort(z.T)
@@ -489,7 +494,8 @@ def test_eval_refuses_a_device_it_cannot_use(device, word, evaluation, data_dir,
     if device == "cuda" and torch.cuda.is_available():
         pytest.skip("this host has CUDA")
     with pytest.raises(SystemExit) as exit_info:
-        evaluation.main(["--ckpt", str(tmp_path / "missing.ckpt"), "--data-dir", str(data_dir), "--out-dir", str(tmp_path / "out"),
+        evaluation.main(["--ckpt", str(tmp_path / "missing.ckpt"), "--data-dir", str(data_dir),
+                         "--out-dir", str(tmp_path / "out"),
                          "--device", device])
     err = capsys.readouterr().err.strip()
     assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and word in err, err
@@ -604,7 +610,7 @@ def can_connect(host: str, port: int) -> bool:
         return s.connect_ex((host, port)) == 0
 
 
-def test_ui_serves_the_checkpoint_on_the_host_and_port_it_was_given(tmp_path, monkeypatch):
+def test_ui_serves_the_checkpoint_on_the_host_and_port_it_was_given(tmp_path, monkeypatch, data_dir):
     """gradio_test.main with --ckpt, --host and --port: the page decodes with that checkpoint's model (latent 3, not
     a default cvae.ckpt), and the server listens on exactly that address: 127.0.0.2 is a loopback address of its own,
     so a server on the default 127.0.0.1 or on 0.0.0.0 would answer (or not) where this one must not (or must)."""
@@ -625,14 +631,19 @@ def test_ui_serves_the_checkpoint_on_the_host_and_port_it_was_given(tmp_path, mo
     monkeypatch.setattr(ui, "launch", launch_in_background)
     threads = torch.get_num_threads()
     try:
-        assert ui.main(["--ckpt", str(ckpt), "--host", host, "--port", str(port)]) == 0
+        assert ui.main(["--ckpt", str(ckpt), "--host", host, "--port", str(port), "--data-dir", str(data_dir)]) == 0
         assert can_connect(host, port) and not can_connect("127.0.0.1", port)
         client = Client(f"http://{host}:{port}/", verbose=False, download_files=str(tmp_path / "downloads"))
         try:
             png = read_png(client.predict(4, 1.0, -0.5, api_name="/generate"))
         finally:
             client.close()
-        assert_same_pixels(png, decoded(load_cvae(ckpt), [[1.0, -0.5, 0.0]], [4])[0])
+        # The sliders set the two dimensions that vary most over the test set; the third stays at 0.
+        model = load_cvae(ckpt)
+        z = torch.zeros(1, 3)
+        dims = informative_dims(model.posterior_means(*load_split(data_dir, train=False)))
+        z[0, list(dims)] = torch.tensor([1.0, -0.5])
+        assert_same_pixels(png, decoded(model, z.tolist(), [4])[0])
     finally:
         torch.set_num_threads(threads)
         if "app" in served:
