@@ -335,6 +335,18 @@ def test_each_epoch_is_one_csv_row_and_the_test_pass_does_not_rewrite_it(tiny_ck
     assert {"test_loss", "test_recon", "test_kl"} <= set(events.Tags()["scalars"])
 
 
+def test_without_validation_the_training_means_are_still_logged(data_dir, tmp_path):
+    """--limit-val-batches 0: no validation pass to log the epoch's training means with, so they are logged at the
+    training epoch's end, one row per epoch."""
+    assert train.main(["--epochs", "2", "--train-size", "200", "--batch-size", "50", "--limit-val-batches", "0",
+                       "--prior", "none", "--no-progress", "--data-dir", str(data_dir),
+                       "--ckpt", str(tmp_path / "c.ckpt"), "--run-dir", str(tmp_path / "run")]) == 0
+    with open(tmp_path / "run" / "logs" / "version_0" / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(row["epoch"]) for row in rows] == [0, 1] and all(row["train_loss"] and row["kl_weight"] for row in rows)
+    assert not any(name.startswith("val_") for name in rows[0])
+
+
 def test_compile_flag_compiles_and_writes_a_plain_checkpoint(data_dir, tmp_path):
     """--compile compiles the two networks in place: torch.compile traces them during training, and the checkpoint
     has the same keys as an eager run's, so it loads anywhere without compiling."""
