@@ -215,7 +215,8 @@ def test_sample_grid_uses_the_runs_seed(rich_run):
 
 def test_no_progress_hides_the_bar_and_its_absence_shows_it(rich_run, tmp_path):
     assert rich_run.probe.trainer.progress_bar_callback is None
-    args = train.parse_args(["--ckpt", str(tmp_path / "c.ckpt"), "--run-dir", str(tmp_path / "run")])
+    args = train.parse_args(["--ckpt", str(tmp_path / "c.ckpt"), "--run-dir", str(tmp_path / "run"),
+                             "--data-dir", str(tmp_path / "data")])  # a read-only checkout has no room for data/
     bar = train.build_trainer(args).progress_bar_callback
     assert isinstance(bar, train.TQDMProgressBar) and bar.refresh_rate == 50
 
@@ -228,7 +229,7 @@ def test_hardware_flags_reach_the_trainer(tmp_path):
 
     args = train.parse_args(["--accelerator", "cpu", "--devices", "2", "--strategy", "ddp_spawn", "--num-nodes", "2",
                              "--precision", "bf16-mixed", "--ckpt", str(tmp_path / "c.ckpt"),
-                             "--run-dir", str(tmp_path / "run")])
+                             "--run-dir", str(tmp_path / "run"), "--data-dir", str(tmp_path / "data")])
     trainer = train.build_trainer(args)
     assert isinstance(trainer.accelerator, CPUAccelerator)
     assert (trainer.num_devices, trainer.num_nodes, trainer.precision) == (2, 2, "bf16-mixed")
