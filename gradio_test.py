@@ -224,6 +224,11 @@ class Explorer:
             z[:, self.dims[1]] = z1
         return z
 
+    def slider_values(self, z: torch.Tensor) -> tuple[float, float]:
+        """The inverse of latent for one code (latent_dim,): its values in the slider dimensions (z1 0 for a 1-D
+        latent)."""
+        return float(z[self.dims[0]]), float(z[self.dims[1]]) if self.latent_dim > 1 else 0.0
+
     def decode(self, z: torch.Tensor, labels: list[int], columns: int = 1) -> np.ndarray:
         """Decode (N, latent_dim) codes under N labels and lay the images out `columns` to a row, edge to edge: a
         (rows * side, columns * side) uint8 image."""
@@ -281,7 +286,8 @@ class Explorer:
         coordinates in the slider dimensions, clamped to the slider range."""
         digit = check_digit(digit, self.num_classes)
         z = self.model.sample_z(torch.tensor([digit]), prior="auto")[0].cpu()
-        return to_slider(z[self.dims[0]]), to_slider(z[self.dims[1]] if self.latent_dim > 1 else 0.0)
+        z0, z1 = self.slider_values(z)
+        return to_slider(z0), to_slider(z1)
 
     def style_transfer(self, image: str | None, digit: int) -> tuple[np.ndarray, float, float]:
         """Encode a picture of `digit` (a file path) and return (style row at its z, z0, z1)."""
@@ -304,7 +310,7 @@ class Explorer:
         with torch.inference_mode():
             mean, _ = self.model.encode(x.to(self.model.device), torch.tensor([digit]))
         mean = mean[0].cpu()
-        raw = (float(mean[self.dims[0]]), float(mean[self.dims[1]]) if self.latent_dim > 1 else 0.0)
+        raw = self.slider_values(mean)
         z0, z1 = to_slider(raw[0]), to_slider(raw[1])
         if max(abs(raw[0]), abs(raw[1])) > Z_RANGE:
             gr.Warning(f"Its z = ({raw[0]:.2f}, {raw[1]:.2f}) lies outside the sliders' range; "
