@@ -5,14 +5,16 @@
     python bench/sweep.py --print-commands > jobs.txt   # the train.py commands, one per line, for a scheduler
                                                         # (run them in the repo's root); then a plain
                                                         # `python bench/sweep.py` judges the checkpoints they wrote
-    python bench/sweep.py --report-only                 # the table and figures from results.csv as it stands
+    python bench/sweep.py --grid beta --seeds 0 1 2 3   # adds seed 3 to the beta cells; reports on those runs
+    python bench/sweep.py --report-only                 # the table and figures from results.csv, no training
 
 The grid (GRIDS): beta 0.25 ... 2 at z size 2 and 10 epochs; z size 2, 4, 8, 16 at beta 1; 10, 20 and 40 epochs at
 beta 1. A run is one plain `python train.py --kl-weight B --latent-dim D --epochs E --seed S ...` (the default recipe
 otherwise: KL warm-up, fitted prior), then evaluate() on its checkpoint. Each run adds a row to OUT_DIR/results.csv
 when it is judged; a run already there is skipped, so an interrupted sweep continues where it stopped, and a run whose
-checkpoint exists is judged without training it again. From the CSV (write_report): sweep.md, the medians and ranges
-per cell, and three figures: rate_distortion.png (Alemi et al. 2018), beta_metrics.png and beta_samples.png.
+checkpoint exists is judged without training it again. From the CSV's rows of the chosen grids and seeds
+(write_report): sweep.md, the medians and ranges per cell, and three figures: rate_distortion.png (Alemi et al.
+2018), beta_metrics.png and beta_samples.png.
 """
 from __future__ import annotations
 
@@ -313,9 +315,13 @@ def save(fig, path: Path) -> Path:
     return path
 
 
-def write_report(csv_path: Path, out_dir: Path) -> list[Path]:
-    """The table and figures from a results CSV (any rows; a figure with nothing to show is left out)."""
+def write_report(csv_path: Path, out_dir: Path, runs: list[Run] | None = None) -> list[Path]:
+    """The table and figures from a results CSV: its rows of `runs` (default: all of them); a figure with nothing to
+    show is left out."""
     rows = read_results(csv_path)
+    if runs is not None:
+        names = {run.name for run in runs}
+        rows = [row for row in rows if row["name"] in names]
     written = [write_table(rows, out_dir / "sweep.md"), plot_rate_distortion(rows, out_dir)]
     if beta_rows(rows):
         written.append(plot_beta_metrics(rows, out_dir))
@@ -347,7 +353,8 @@ def build_parser() -> ArgParser:
                    help="k of the bound on each log p(x|y) of that classifier")
     p.add_argument("--print-commands", action="store_true",
                    help="print the train.py commands of the runs not yet trained, one per line, and exit")
-    p.add_argument("--report-only", action="store_true", help="write the table and figures from results.csv, and exit")
+    p.add_argument("--report-only", action="store_true",
+                   help="write the table and figures from results.csv (its runs of --grid and --seeds), and exit")
     return p
 
 
@@ -357,11 +364,12 @@ def main(argv: list[str] | None = None) -> int:
     args.data_dir = args.data_dir.resolve()
     args.num_threads = args.num_threads or max(1, (os.cpu_count() or 1) // args.jobs)
     csv_path = args.out_dir / "results.csv"
+    runs = grid_runs(args.grid, args.seeds)  # the report, too, covers these runs only
     if args.report_only:
-        print("Wrote", ", ".join(str(p) for p in write_report(csv_path, args.out_dir)))
+        print("Wrote", ", ".join(str(p) for p in write_report(csv_path, args.out_dir, runs)))
         return 0
     done = {row["name"] for row in read_results(csv_path)}
-    todo = [run for run in grid_runs(args.grid, args.seeds) if run.name not in done]
+    todo = [run for run in runs if run.name not in done]
     if args.print_commands:
         for run in todo:
             if not paths(run, args.out_dir)[0].is_file():
@@ -370,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)  # evaluation; training runs in its own processes with --num-threads each
     print(f"{len(todo)} runs to go, {len(done)} in {csv_path}; {args.jobs} at a time", flush=True)
     failed = run_grid(todo, args)
-    print("Wrote", ", ".join(str(p) for p in write_report(csv_path, args.out_dir)))
+    print("Wrote", ", ".join(str(p) for p in write_report(csv_path, args.out_dir, runs)))
     return 1 if failed else 0
 
 

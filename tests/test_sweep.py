@@ -182,3 +182,16 @@ def test_the_sample_rows_decode_the_same_codes_under_every_beta(handmade):
         model = sweep.load_cvae(rows[3 * i]["ckpt"])  # the seed-0 checkpoint of that beta
         torch.testing.assert_close(images[i], model.sample(torch.arange(10), z=z)[:, 0])
     assert (images[0] - images[1]).abs().mean() > 1e-3  # three different models
+
+
+def test_the_report_covers_only_the_runs_of_the_grids_and_seeds_asked_for(handmade):
+    """`--grid beta --seeds 0 1 --report-only`: the z = 4 and 20-epoch runs and seed 2 stay out of table and figures."""
+    csv_path, rows = handmade
+    out = csv_path.parent
+    assert sweep.main(["--report-only", "--grid", "beta", "--seeds", "0", "1", "--out-dir", str(out)]) == 0
+    lines = (out / "sweep.md").read_text().splitlines()
+    assert [line.split(" | ")[:4] for line in lines[2:]] == [["| 0.5", "2", "10", "2"], ["| 1", "2", "10", "2"],
+                                                            ["| 2", "2", "10", "2"]]
+    assert "| 60.5 (60.0–61.0) |" in lines[2]  # beta 0.5: the FID of seeds 0 and 1 only (seed 2's is 64)
+    assert sweep.main(["--report-only", "--out-dir", str(out)]) == 0  # the default: every grid on seeds 0 1 2
+    assert len((out / "sweep.md").read_text().splitlines()) == 2 + 5
