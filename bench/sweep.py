@@ -6,6 +6,7 @@
                                                         # (run them in the repo's root); then a plain
                                                         # `python bench/sweep.py` judges the checkpoints they wrote
     python bench/sweep.py --grid beta --seeds 0 1 2 3   # adds seed 3 to the beta cells; reports on those runs
+    python bench/sweep.py --grid beta --seeds 0 1 2 3 --betas 0.5 1    # ... to two of them
     python bench/sweep.py --report-only                 # the table and figures from results.csv, no training
 
 The grid (GRIDS): beta 0.25 ... 2 at z size 2 and 10 epochs; z size 2, 4, 8, 16 at beta 1; 10, 20 and 40 epochs at
@@ -74,9 +75,10 @@ class Run(NamedTuple):
         return f"beta{b:g}-z{d}-e{e}-seed{self.seed}"
 
 
-def grid_runs(grids: list[str], seeds: list[int]) -> list[Run]:
-    """Every run of the chosen grids, each cell once (the default cell is in all three), cell by cell."""
-    cells = dict.fromkeys(cell for grid in grids for cell in GRIDS[grid])
+def grid_runs(grids: list[str], seeds: list[int], betas: list[float] | None = None) -> list[Run]:
+    """Every run of the chosen grids, each cell once (the default cell is in all three), cell by cell; only the cells
+    whose beta is in `betas`, when given."""
+    cells = dict.fromkeys(cell for grid in grids for cell in GRIDS[grid] if betas is None or cell.kl_weight in betas)
     return [Run(cell, seed) for cell in cells for seed in seeds]
 
 
@@ -335,6 +337,8 @@ def build_parser() -> ArgParser:
                               "results.csv, sweep.md and three figures.")
     p.add_argument("--grid", nargs="+", choices=list(GRIDS), default=list(GRIDS), help="which grids to run")
     p.add_argument("--seeds", type=bounded(int, 0), nargs="+", default=[0, 1, 2], help="seeds of every cell")
+    p.add_argument("--betas", type=bounded(float, 0), nargs="+", default=None,
+                   help="only the cells of these betas (default: all)")
     p.add_argument("--out-dir", type=Path, default=Path("runs/sweep"),
                    help="results.csv, the report, and the runs' checkpoints, run folders and logs")
     p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR, help="where MNIST is")
@@ -364,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     args.data_dir = args.data_dir.resolve()
     args.num_threads = args.num_threads or max(1, (os.cpu_count() or 1) // args.jobs)
     csv_path = args.out_dir / "results.csv"
-    runs = grid_runs(args.grid, args.seeds)  # the report, too, covers these runs only
+    runs = grid_runs(args.grid, args.seeds, args.betas)  # the report, too, covers these runs only
     if args.report_only:
         print("Wrote", ", ".join(str(p) for p in write_report(csv_path, args.out_dir, runs)))
         return 0

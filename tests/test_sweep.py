@@ -195,3 +195,15 @@ def test_the_report_covers_only_the_runs_of_the_grids_and_seeds_asked_for(handma
     assert "| 60.5 (60.0–61.0) |" in lines[2]  # beta 0.5: the FID of seeds 0 and 1 only (seed 2's is 64)
     assert sweep.main(["--report-only", "--out-dir", str(out)]) == 0  # the default: every grid on seeds 0 1 2
     assert len((out / "sweep.md").read_text().splitlines()) == 2 + 5
+
+
+def test_betas_picks_cells_for_the_commands_and_the_report(handmade, capsys):
+    csv_path, rows = handmade
+    out, data = csv_path.parent, Path("/mnist")
+    assert sweep.main(["--grid", "beta", "--seeds", "3", "--betas", "1", "0.75", "--out-dir", str(out),
+                       "--data-dir", str(data), "--num-threads", "1", "--print-commands"]) == 0
+    assert capsys.readouterr().out.splitlines() == [train_line(out, data, "0.75", 2, 10, 3),
+                                                    train_line(out, data, "1", 2, 10, 3)]
+    assert sweep.main(["--report-only", "--betas", "2", "--out-dir", str(out)]) == 0
+    lines = (out / "sweep.md").read_text().splitlines()
+    assert [line.split(" | ")[:4] for line in lines[2:]] == [["| 2", "2", "10", "3"]]
