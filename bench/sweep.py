@@ -41,7 +41,7 @@ from checkpoint import load_cvae  # noqa: E402
 from classifier import load_judge  # noqa: E402
 from cli import ArgParser, bounded  # noqa: E402
 from dataset import DEFAULT_DATA_DIR  # noqa: E402
-from seeds import SeedRow, seed_row, train, train_command  # noqa: E402
+from seeds import SEED_HEADER, SeedRow, seed_row, train, train_command  # noqa: E402
 from test import (CLASSIFY_IW_SAMPLES, CLASSIFY_PER_DIGIT, DPI, IW_SAMPLES, evaluate, show_grid, tile,  # noqa: E402
                   tile_centres)
 
@@ -183,12 +183,18 @@ TABLE = (  # column, CSV field, format, scale
 
 
 def write_table(rows: list[dict[str, Any]], path: Path) -> Path:
-    """sweep.md: per cell, the median over its seeds and (in brackets) the smallest and largest value."""
+    """sweep.md: per cell, the median over its seeds and (in brackets) the smallest and largest value; then every
+    run, cell by cell, one row per seed as seeds.py prints it."""
     lines = ["| β | z | epochs | seeds | " + " | ".join(name for name, *_ in TABLE) + " |",
              "|" + "---|" * (4 + len(TABLE))]
-    for cell, group in cells_of(rows).items():
+    groups = cells_of(rows)
+    for cell, group in groups.items():
         values = " | ".join(spread([row[key] for row in group], fmt, scale) for _, key, fmt, scale in TABLE)
         lines.append(f"| {cell.kl_weight:g} | {cell.latent_dim} | {cell.epochs} | {len(group)} | {values} |")
+    for cell, group in groups.items():
+        lines += ["", f"β {cell.kl_weight:g}, z size {cell.latent_dim}, {cell.epochs} epochs:", "", SEED_HEADER]
+        lines += [SeedRow(**{key: row[key] for key in SeedRow._fields}).markdown()
+                  for row in sorted(group, key=lambda row: row["seed"])]
     path.write_text("\n".join(lines) + "\n")
     return path
 

@@ -150,12 +150,19 @@ def test_the_report_writes_the_table_and_three_figures(handmade, monkeypatch):
             assert img.format == "PNG" and np.asarray(img.convert("L")).std() > 10, path.name
 
     # The table: one line per cell, beta grid first; medians over seeds with the smallest and largest value.
-    lines = (out / "sweep.md").read_text().splitlines()
+    medians, *per_cell = (out / "sweep.md").read_text().split("\n\n")
+    lines = medians.splitlines()
     assert len(lines) == 2 + 5
     assert lines[2].startswith("| 0.5 | 2 | 10 | 3 | 2.00 (1.00–5.00) | 30.10 (30.00–30.20) |")  # not the mean
     assert "| 71.0 (70.0–74.0) |" in lines[3] and "| 2 (1–2) |" in lines[3]  # beta 1: FID, active units
     assert lines[5].startswith("| 1 | 4 | 10 | 1 | 5.00 (5.00–5.00) | 25.00 (25.00–25.00) |")
     assert lines[6].startswith("| 1 | 2 | 20 | 1 |") and lines[6].endswith("| – |")  # no train time measured
+    # Then every run, cell by cell, a row per seed as bench/seeds.py prints it.
+    assert per_cell[0] == "β 0.5, z size 2, 10 epochs:" and per_cell[8] == "β 1, z size 2, 20 epochs:"
+    beta_half = per_cell[1].splitlines()
+    assert len(beta_half) == 2 + 3 and [row.split(" | ")[0] for row in beta_half[2:]] == ["| 0", "| 1", "| 2"]
+    assert beta_half[3].startswith("| 1 | 60.0 | 2.00 | 1.50, 1.50 | 2 | 0.0300 | 30.00 | 31.00 | 50.0% | fitted "
+                                   "| 91.00% | 61.0 | 69.0 |")  # seed 1's numbers
 
     # Rate against distortion: every run a point, and dashed lines of equal distortion + rate.
     ax = figures["rate_distortion.png"].axes[0]
@@ -189,12 +196,12 @@ def test_the_report_covers_only_the_runs_of_the_grids_and_seeds_asked_for(handma
     csv_path, rows = handmade
     out = csv_path.parent
     assert sweep.main(["--report-only", "--grid", "beta", "--seeds", "0", "1", "--out-dir", str(out)]) == 0
-    lines = (out / "sweep.md").read_text().splitlines()
+    lines = (out / "sweep.md").read_text().split("\n\n")[0].splitlines()
     assert [line.split(" | ")[:4] for line in lines[2:]] == [["| 0.5", "2", "10", "2"], ["| 1", "2", "10", "2"],
                                                             ["| 2", "2", "10", "2"]]
     assert "| 60.5 (60.0–61.0) |" in lines[2]  # beta 0.5: the FID of seeds 0 and 1 only (seed 2's is 64)
     assert sweep.main(["--report-only", "--out-dir", str(out)]) == 0  # the default: every grid on seeds 0 1 2
-    assert len((out / "sweep.md").read_text().splitlines()) == 2 + 5
+    assert len((out / "sweep.md").read_text().split("\n\n")[0].splitlines()) == 2 + 5
 
 
 def test_betas_picks_cells_for_the_commands_and_the_report(handmade, capsys):
@@ -205,5 +212,5 @@ def test_betas_picks_cells_for_the_commands_and_the_report(handmade, capsys):
     assert capsys.readouterr().out.splitlines() == [train_line(out, data, "0.75", 2, 10, 3),
                                                     train_line(out, data, "1", 2, 10, 3)]
     assert sweep.main(["--report-only", "--betas", "2", "--out-dir", str(out)]) == 0
-    lines = (out / "sweep.md").read_text().splitlines()
+    lines = (out / "sweep.md").read_text().split("\n\n")[0].splitlines()
     assert [line.split(" | ")[:4] for line in lines[2:]] == [["| 2", "2", "10", "3"]]
