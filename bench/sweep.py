@@ -227,8 +227,11 @@ def plot_rate_distortion(rows: list[dict[str, Any]], out_dir: Path) -> Path:
     sums = [row["recon"] + row["kl"] for row in rows]
     for total in MaxNLocator(6).tick_values(min(sums), max(sums)):  # distortion + rate = total
         ax.plot([total - y_lim[0], total - y_lim[1]], y_lim, "--", color="0.6", lw=0.8, zorder=1)
-        ax.annotate(f"−ELBO {total:g}", (total - y_lim[1], y_lim[1]), xytext=(3, -3), textcoords="offset points",
-                    fontsize=8, color="0.4", ha="left", va="top", annotation_clip=True)
+        x, y = total - y_lim[0], y_lim[0]  # label it where it leaves the plot: the bottom edge, else the right one
+        if x > x_lim[1]:
+            x, y = x_lim[1], total - x_lim[1]
+        ax.annotate(f"{total:g}", (x, y), xytext=(-2, 2), textcoords="offset points", fontsize=8, color="0.4",
+                    ha="right", va="bottom", annotation_clip=True)
     ax.set_xlim(x_lim)
     ax.set_ylim(y_lim)
     ax.set_xlabel("distortion: summed squared error per test image (one z draw)")
@@ -236,7 +239,7 @@ def plot_rate_distortion(rows: list[dict[str, Any]], out_dir: Path) -> Path:
     ax.legend(fontsize=8, loc="upper right", framealpha=0.9)
     ax.grid(alpha=0.3)
     fig.suptitle("Rate against distortion, one point per run (larger markers: longer training)\n"
-                 "dashed: equal −ELBO = distortion + rate", fontsize=11)
+                 "dashed: equal −ELBO = distortion + rate, its value at the line's end", fontsize=11)
     return save(fig, out_dir / "rate_distortion.png")
 
 
