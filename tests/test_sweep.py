@@ -50,6 +50,11 @@ def write_csv(path: Path, rows: list[dict]) -> Path:
     return path
 
 
+def median_lines(out: Path) -> list[str]:
+    """The lines of sweep.md's first table, the medians per cell (the per-run listing follows a blank line)."""
+    return (out / "sweep.md").read_text().split("\n\n")[0].splitlines()
+
+
 def test_print_commands_prints_the_train_commands_of_the_runs_not_yet_done(tmp_path, capsys):
     out, data = tmp_path / "sweep", tmp_path / "mnist"
     write_csv(out / "results.csv", [result_row(0.25, 2, 10, 1)])  # judged already
@@ -196,12 +201,12 @@ def test_the_report_covers_only_the_runs_of_the_grids_and_seeds_asked_for(handma
     csv_path, rows = handmade
     out = csv_path.parent
     assert sweep.main(["--report-only", "--grid", "beta", "--seeds", "0", "1", "--out-dir", str(out)]) == 0
-    lines = (out / "sweep.md").read_text().split("\n\n")[0].splitlines()
+    lines = median_lines(out)
     assert [line.split(" | ")[:4] for line in lines[2:]] == [["| 0.5", "2", "10", "2"], ["| 1", "2", "10", "2"],
                                                             ["| 2", "2", "10", "2"]]
     assert "| 60.5 (60.0–61.0) |" in lines[2]  # beta 0.5: the FID of seeds 0 and 1 only (seed 2's is 64)
     assert sweep.main(["--report-only", "--out-dir", str(out)]) == 0  # the default: every grid on seeds 0 1 2
-    assert len((out / "sweep.md").read_text().split("\n\n")[0].splitlines()) == 2 + 5
+    assert len(median_lines(out)) == 2 + 5
 
 
 def test_betas_picks_cells_for_the_commands_and_the_report(handmade, capsys):
@@ -212,5 +217,5 @@ def test_betas_picks_cells_for_the_commands_and_the_report(handmade, capsys):
     assert capsys.readouterr().out.splitlines() == [train_line(out, data, "0.75", 2, 10, 3),
                                                     train_line(out, data, "1", 2, 10, 3)]
     assert sweep.main(["--report-only", "--betas", "2", "--out-dir", str(out)]) == 0
-    lines = (out / "sweep.md").read_text().split("\n\n")[0].splitlines()
+    lines = median_lines(out)
     assert [line.split(" | ")[:4] for line in lines[2:]] == [["| 2", "2", "10", "3"]]
