@@ -100,7 +100,7 @@ def train_command(ckpt: Path, run_dir: Path, flags: list[str]) -> list[str]:
 def train(command: list[str], log: Path) -> float:
     """Run a train_command in the repo's root with this Python, its output to the file `log`; returns the whole
     process's seconds."""
-    print("$", shlex.join(command), file=sys.stderr, flush=True)
+    print(f"$ {shlex.join(command)}", file=sys.stderr, flush=True)  # one write: a line of its own beside other threads
     start = time.perf_counter()
     with open(log, "w") as out:
         subprocess.run([sys.executable, *command[1:]], cwd=ROOT, check=True, stdout=out, stderr=subprocess.STDOUT)
