@@ -411,9 +411,10 @@ def lay_out(explorer: Explorer) -> Page:
             with gr.Column(scale=3):
                 with gr.Tabs():
                     with gr.Tab("Draw"):
-                        # A white page as the background: the editor then opens with the brush in hand.
+                        # A white page as the background: the editor then opens with the brush in hand. PNG like
+                        # the other images (Gradio's default, WebP, is missing from Pillows built without libwebp).
                         sketch = gr.Sketchpad(np.full((280, 280, 3), 255, np.uint8), label="Draw one digit",
-                                              canvas_size=(280, 280), height=320,
+                                              canvas_size=(280, 280), height=320, format="png",
                                               layers=False, transforms=(), type="numpy",
                                               brush=gr.Brush(default_size=14, colors=["#000000"],
                                                              color_mode="fixed"), elem_id="sketch")
