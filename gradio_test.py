@@ -186,6 +186,8 @@ class ZSlider(gr.Slider):
 class ImageUpload(gr.Image):
     """gr.Image whose unreadable uploads (not an image, damaged) end in a one-line gr.Error, not a stack trace."""
 
+    # Defining a component makes Gradio write a type stub, gradio_test.pyi, beside this file (git ignores it; on a
+    # read-only checkout Gradio skips it).
     is_template = True  # rendered by gr.Image's frontend
 
     def preprocess(self, payload: Any) -> Any:
