@@ -1,7 +1,9 @@
-"""Checkpoints on disk: safe (weights_only) reading with one-line errors, atomic writes, and rebuilding a CVAE.
+"""Files on disk: safe (weights_only) reading of checkpoints with one-line errors, and atomic writes.
 
 Everything that reads a checkpoint in this repo goes through `safe_torch_load`: only tensors and plain Python
-containers are unpickled, so a crafted file cannot execute code.
+containers are unpickled, so a crafted file cannot execute code. Everything that writes a file another process may
+read (checkpoints, the judge's weights, the MNIST files) goes through `atomic_write`. Nothing here knows the CVAE:
+`model.load_cvae` rebuilds one from a checkpoint, and the judge (classifier.py) loads through here without it.
 """
 from __future__ import annotations
 
@@ -11,29 +13,34 @@ import tempfile
 import warnings
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, Callable
 
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from model import CVAE
 
-def atomic_torch_save(obj: Any, path: str | Path) -> None:
-    """torch.save to a temporary file in the same folder, fsync, then rename over `path`: a crash at any moment
-    leaves the previous file or the new one, never half a file."""
+def atomic_write(path: str | Path, write: Callable[[IO[bytes]], Any]) -> None:
+    """Call write(f) on a temporary file of this process's own in the same folder, fsync, then rename it over `path`:
+    a crash at any moment leaves the previous file or the new one, never half a file, and two processes writing the
+    same path at once each put a whole file there."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             os.fchmod(f.fileno(), 0o666 & ~_umask())  # mkstemp makes 0600; give the mode a plain open() would
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> None:
+    """torch.save through atomic_write."""
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def _umask() -> int:
@@ -117,38 +124,3 @@ def _unpickler_detail(err: Exception) -> str:
     """The useful line of torch's long weights_only message (e.g. `Unsupported operand 149`)."""
     lines = [line.strip() for line in str(err).split("WeightsUnpickler error:")[-1].splitlines() if line.strip()]
     return lines[0] if lines else type(err).__name__
-
-
-def load_cvae(path: str | Path, map_location: Any = "cpu") -> CVAE:
-    """Rebuild a CVAE from a checkpoint alone (its hyper-parameters), safely, in eval mode.
-
-    Raises CheckpointError with a one-line message for anything that is not a loadable checkpoint of this model.
-    """
-    checkpoint = safe_torch_load(path, map_location=map_location)
-    hparams = checkpoint.get("hyper_parameters")
-    if not isinstance(hparams, dict):
-        raise CheckpointError(f"checkpoint {path} has no hyper-parameters; it was not written by this repo's train.py")
-    try:
-        # First on the meta device, where nothing is allocated, so crafted sizes (a 10^6-wide layer) cannot exhaust
-        # memory: the real model is built only once every shape in the file matches the hyper-parameters.
-        with torch.device("meta"):
-            skeleton = CVAE(**hparams)
-    except (TypeError, ValueError, RuntimeError, OverflowError) as err:
-        detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"checkpoint {path} is not a CVAE checkpoint: {detail}") from None
-    try:
-        skeleton.load_state_dict(checkpoint["state_dict"], assign=True)
-    except (RuntimeError, TypeError) as err:
-        detail = " ".join(str(err).split())
-        raise CheckpointError(f"checkpoint {path} does not match the CVAE architecture: {detail[:300]}") from None
-    model = CVAE(**hparams)
-    model.load_state_dict(checkpoint["state_dict"])  # copied into float32, whatever dtype the file holds
-    broken = [name for name, value in model.state_dict().items() if not torch.isfinite(value).all()]
-    if broken:
-        raise CheckpointError(f"checkpoint {path} holds NaN or infinite weights ({', '.join(broken[:3])}); "
-                              f"the training run diverged or the file is damaged")
-    try:
-        model.on_load_checkpoint(checkpoint)
-    except ValueError as err:
-        raise CheckpointError(f"checkpoint {path}: {err}") from None
-    return model.to(map_location if map_location is not None else "cpu").eval()

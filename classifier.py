@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from checkpoint import CheckpointError, atomic_torch_save, safe_torch_load
-from model import eval_mode
+from torch_utils import eval_mode
 
 JUDGE_FILE = "weights/digit_cnn.pt"  # relative to the repo
 JUDGE_PATH = Path(__file__).resolve().parent / JUDGE_FILE

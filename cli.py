@@ -97,3 +97,20 @@ def check_data_dir(path: Path) -> None:
             raise UsageError(f"data dir {path} is not readable")
     else:
         check_output_file(path / "x", "data dir")
+
+
+def parse_device(name: str):
+    """--device NAME as a torch.device that exists here; a UsageError (one line) otherwise."""
+    import torch  # here: the argument helpers above need no torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name!r} is not a torch device (try cpu or cuda)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA GPU is available here; use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UsageError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError("--device mps: MPS is not available here; use --device cpu")
+    return device

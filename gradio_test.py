@@ -30,10 +30,10 @@ import torch
 from PIL import Image, ImageDraw
 from torchvision.utils import make_grid
 
-from checkpoint import CheckpointError, CheckpointNotFound, load_cvae
+from checkpoint import CheckpointError, CheckpointNotFound
 from cli import DEFAULT_CKPT, ArgParser, bounded, fail
-from dataset import DEFAULT_DATA_DIR, DataError, load_split
-from model import informative_dims
+from dataset import DEFAULT_DATA_DIR, DataError, load_test_set, prepare_mnist
+from model import informative_dims, latent_name, load_cvae
 
 if __name__ == "__main__" and not os.environ.get("GRADIO_SERVER_PORT", "7860").isdigit():
     # gradio parses this variable when imported and dies with a traceback on a non-number.
@@ -211,8 +211,9 @@ class Explorer:
         self.model = model.eval()
         self.latent_dim: int = model.hparams.latent_dim
         self.dims = tuple(range(min(self.latent_dim, 2)) if dims is None else dims)
-        # The sliders' names: z0 and z1 when they are the whole code, else the index they set, e.g. z[3].
-        self.names = ("z0", "z1") if self.latent_dim <= 2 else tuple(f"z[{i}]" for i in self.dims)
+        # The sliders' names: z0 and z1 when they are the whole code, else the index they set, e.g. z[3] (a 1-D
+        # latent's z1 slider is hidden).
+        self.names = tuple(latent_name(i, self.latent_dim) for i in (self.dims if len(self.dims) == 2 else (0, 1)))
         self.num_classes: int = model.hparams.num_classes
         self.side: int = model.hparams.image_size
         self.prior: str = model.resolve_prior("auto")
@@ -322,11 +323,11 @@ class Explorer:
 
 def page_notes(explorer: Explorer) -> tuple[str, str]:
     """(which prior the random button uses, how the sliders map onto z) in words."""
+    prior = f"**Random z** samples from {explorer.model.describe_prior()}"
     if explorer.prior == "fitted":
-        prior = ("**Random z** samples from the prior fitted to this checkpoint's training codes "
-                 "(one Gaussian mixture per digit), so it lands where that digit's real handwriting lives.")
+        prior += ", so it lands where that digit's real handwriting lives."
     else:
-        prior = "**Random z** samples from the standard normal prior N(0, I) (this checkpoint has no fitted prior)."
+        prior += " (this checkpoint has no fitted prior)."
     d = explorer.latent_dim
     if d == 1:
         dims = "This checkpoint has a 1-D latent: only z0 exists, the z1 slider is hidden."
@@ -341,12 +342,13 @@ def page_notes(explorer: Explorer) -> tuple[str, str]:
 
 def slider_dims(model, data_dir: Path) -> tuple[int, ...] | None:
     """The latent dimensions the sliders set: for a latent wider than 2, the two whose posterior means vary most over
-    the MNIST test set in `data_dir` (model.informative_dims, the two test.py's latent_scatter.png shows); None (the
-    first dimensions, no data needed) otherwise. Raises DataError when the test set is missing."""
+    the MNIST test set in `data_dir` (model.informative_dims, the two test.py's latent_scatter.png shows), written
+    there first when it is missing, as train.py and test.py do; None (the first dimensions, no data needed) otherwise.
+    Raises DataError when the test set is missing and cannot be written."""
     if model.hparams.latent_dim <= 2:
         return None
-    images, labels = load_split(data_dir, train=False)
-    return informative_dims(model.posterior_means(images, labels))
+    prepare_mnist(data_dir)
+    return informative_dims(model.posterior_means(*load_test_set(data_dir)))
 
 
 @dataclass

@@ -6,12 +6,16 @@ Architecture (the original repo's design; sizes come from constructor arguments)
     Decoder  [z (latent) | one-hot y (10)]    -> 128 -> 256 -> 512 -> 784 (Sigmoid)
 
 Every hidden block is Linear + LayerNorm + ReLU, followed by Dropout except for the encoder's last block.
+
+The constructor's defaults are the recipe `python train.py` trains (train.py takes its flags' defaults from them), so
+`CVAE()` in a notebook with a Trainer of your own is the model the README describes. `load_cvae` rebuilds a trained
+one from a checkpoint alone.
 """
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
-from typing import Any, Iterator, Sequence
+from pathlib import Path
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -19,8 +23,10 @@ from torch import nn
 import pytorch_lightning as pl
 from torchmetrics import MeanMetric
 
+from checkpoint import CheckpointError, safe_torch_load
 from dataset import to_float_images
-from prior import draw_z, load_prior, resolve_prior
+from prior import describe_prior, draw_z, load_prior, resolve_prior
+from torch_utils import eval_mode
 
 STAGES = ("train", "val", "test")
 TERMS = ("loss", "recon", "kl")  # what elbo_loss returns, in that order
@@ -45,19 +51,11 @@ def kl_per_dim(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     return -0.5 * (1 + logvar - mean.pow(2) - logvar.exp())
 
 
-ACTIVITY_THRESHOLD = 0.01  # Burda et al. 2016: a unit is active when Var_x E_q[z_i] exceeds this
-
-
 def activity(means: torch.Tensor) -> torch.Tensor:
     """How much each latent dimension's posterior mean varies over a data set: (N, latent) means -> (latent,)
     variances (Burda et al. 2016, section 5.2). A dimension the encoder does not use has a mean that does not
     depend on x, and variance near 0."""
     return means.double().var(dim=0)
-
-
-def active_units(means: torch.Tensor) -> int:
-    """The number of latent dimensions whose posterior mean varies more than ACTIVITY_THRESHOLD over `means`."""
-    return int((activity(means) > ACTIVITY_THRESHOLD).sum())
 
 
 def informative_dims(means: torch.Tensor) -> tuple[int, ...]:
@@ -68,6 +66,12 @@ def informative_dims(means: torch.Tensor) -> tuple[int, ...]:
     if d <= 2:
         return tuple(range(d))
     return tuple(sorted(activity(means).topk(2).indices.tolist()))
+
+
+def latent_name(dim: int, latent_dim: int) -> str:
+    """What the figures, the printed table and the UI's sliders call latent dimension `dim`: z0 and z1 when they are
+    the whole code, z[i] in a wider one."""
+    return f"z{dim}" if latent_dim <= 2 else f"z[{dim}]"
 
 
 def squared_error(recon: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -92,17 +96,6 @@ def elbo_loss(recon: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, logvar: 
     kl = kl_dims.sum(dim=1).mean()
     kl_term = kl_dims.mean(dim=0).clamp(min=free_bits).sum() if free_bits > 0 else kl
     return recon_loss + kl_weight * kl_term, recon_loss, kl
-
-
-@contextmanager
-def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
-    """Run the block in eval mode (no dropout) and give the module its previous mode back afterwards."""
-    was_training = module.training
-    module.eval()
-    try:
-        yield module
-    finally:
-        module.train(was_training)
 
 
 def mlp_block(in_dim: int, out_dim: int, dropout: float) -> nn.Sequential:
@@ -160,7 +153,7 @@ class CVAE(pl.LightningModule):
         dropout: float = 0.25,
         lr: float = 1e-3,
         kl_weight: float = 1.0,
-        kl_warmup_epochs: float = 0.0,
+        kl_warmup_epochs: float = 2.0,
         free_bits: float = 0.0,
     ):
         super().__init__()
@@ -191,10 +184,10 @@ class CVAE(pl.LightningModule):
         if y.dtype.is_floating_point or y.dtype == torch.bool or y.is_complex():
             raise ValueError(f"labels must be integers, got dtype {y.dtype}")
         y = y.reshape(-1).long()
-        k = self.hparams.num_classes
-        if y.numel() and (int(y.min()) < 0 or int(y.max()) >= k):
-            raise ValueError(f"labels must be in 0..{k - 1}, got values in {int(y.min())}..{int(y.max())}")
-        return F.one_hot(y, k).to(self.dtype)
+        num_classes = self.hparams.num_classes
+        if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+            raise ValueError(f"labels must be in 0..{num_classes - 1}, got values in {int(y.min())}..{int(y.max())}")
+        return F.one_hot(y, num_classes).to(self.dtype)
 
     def _flatten(self, x: torch.Tensor) -> torch.Tensor:
         x = x.reshape(x.shape[0], -1)
@@ -249,6 +242,10 @@ class CVAE(pl.LightningModule):
         """The prior `sample` uses for `prior` ("auto": the fitted one when the model has it); see prior.py."""
         return resolve_prior(prior, self.fitted_prior)
 
+    def describe_prior(self, prior: str = "auto") -> str:
+        """The prior `sample` uses for `prior`, in words (e.g. "a Gaussian per digit, fitted to the training codes")."""
+        return describe_prior(prior, self.fitted_prior)
+
     @torch.no_grad()
     def sample(self, labels: torch.Tensor | Sequence[int], z: torch.Tensor | None = None, prior: str = "auto",
                generator: torch.Generator | None = None) -> torch.Tensor:
@@ -266,18 +263,25 @@ class CVAE(pl.LightningModule):
             return self.decode(z, labels).reshape(-1, 1, side, side)
 
     @torch.no_grad()
-    def posterior_means(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 2_000) -> torch.Tensor:
-        """Mean of q(z | x, y) for every image, in eval mode: (N, latent_dim) on the CPU.
+    def posterior(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 2_000
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """q(z | x, y) for every image, in eval mode: (means, logvars), each (N, latent_dim) on the CPU.
 
         images: floats in [0, 1], or raw uint8 pixels (0..255), scaled batch by batch as training scaled them (so the
         55k training images never exist as one float tensor)."""
-        means = []
+        means, logvars = [], []
         with eval_mode(self):
             for i in range(0, len(images), batch_size):
                 x = images[i:i + batch_size]
                 x = to_float_images(x) if x.dtype == torch.uint8 else x
-                means.append(self.encode(x.to(self.device), labels[i:i + batch_size].to(self.device))[0].float().cpu())
-        return torch.cat(means)
+                mean, logvar = self.encode(x.to(self.device), labels[i:i + batch_size].to(self.device))
+                means.append(mean.float().cpu())
+                logvars.append(logvar.float().cpu())
+        return torch.cat(means), torch.cat(logvars)
+
+    def posterior_means(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 2_000) -> torch.Tensor:
+        """The means of `posterior`: (N, latent_dim) on the CPU."""
+        return self.posterior(images, labels, batch_size)[0]
 
     # ----- training -------------------------------------------------------------------------------------------
     def on_train_start(self) -> None:
@@ -351,3 +355,38 @@ class CVAE(pl.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.fitted_prior = load_prior(checkpoint.get("fitted_prior"), self.hparams.num_classes,
                                        self.hparams.latent_dim)
+
+
+def load_cvae(path: str | Path, map_location: Any = "cpu") -> CVAE:
+    """Rebuild a CVAE from a checkpoint alone (its hyper-parameters), safely, in eval mode.
+
+    Raises CheckpointError with a one-line message for anything that is not a loadable checkpoint of this model.
+    """
+    checkpoint = safe_torch_load(path, map_location=map_location)
+    hparams = checkpoint.get("hyper_parameters")
+    if not isinstance(hparams, dict):
+        raise CheckpointError(f"checkpoint {path} has no hyper-parameters; it was not written by this repo's train.py")
+    try:
+        # First on the meta device, where nothing is allocated, so crafted sizes (a 10^6-wide layer) cannot exhaust
+        # memory: the real model is built only once every shape in the file matches the hyper-parameters.
+        with torch.device("meta"):
+            skeleton = CVAE(**hparams)
+    except (TypeError, ValueError, RuntimeError, OverflowError) as err:
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"checkpoint {path} is not a CVAE checkpoint: {detail}") from None
+    try:
+        skeleton.load_state_dict(checkpoint["state_dict"], assign=True)
+    except (RuntimeError, TypeError) as err:
+        detail = " ".join(str(err).split())
+        raise CheckpointError(f"checkpoint {path} does not match the CVAE architecture: {detail[:300]}") from None
+    model = CVAE(**hparams)
+    model.load_state_dict(checkpoint["state_dict"])  # copied into float32, whatever dtype the file holds
+    broken = [name for name, value in model.state_dict().items() if not torch.isfinite(value).all()]
+    if broken:
+        raise CheckpointError(f"checkpoint {path} holds NaN or infinite weights ({', '.join(broken[:3])}); "
+                              f"the training run diverged or the file is damaged")
+    try:
+        model.on_load_checkpoint(checkpoint)
+    except ValueError as err:
+        raise CheckpointError(f"checkpoint {path}: {err}") from None
+    return model.to(map_location if map_location is not None else "cpu").eval()

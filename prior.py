@@ -65,16 +65,17 @@ def fit_gmm_prior(z: torch.Tensor, labels: torch.Tensor, num_classes: int, kind:
 
 def check_prior(prior: Any, num_classes: int, latent_dim: int) -> None:
     """Raise ValueError unless `prior` is a well-formed mixture for this model (guards checkpoints from elsewhere)."""
-    if not isinstance(prior, dict) or not all(isinstance(prior.get(k), torch.Tensor)
-                                              for k in ("weights", "means", "scale_tril")):
+    if not isinstance(prior, dict) or not all(isinstance(prior.get(name), torch.Tensor)
+                                              for name in ("weights", "means", "scale_tril")):
         raise ValueError("fitted_prior must hold tensors 'weights', 'means' and 'scale_tril'")
     w, m, s = prior["weights"], prior["means"], prior["scale_tril"]
     if not w.is_floating_point() or not w.dtype == m.dtype == s.dtype:
         # sample_prior mixes them in one matmul and multinomial draw
         raise ValueError(f"fitted_prior tensors must share one floating-point dtype, got {w.dtype}, {m.dtype}, "
                          f"{s.dtype}")
-    c, k = w.shape if w.dim() == 2 else (None, None)
-    if c not in (1, num_classes) or m.shape != (c, k, latent_dim) or s.shape != (c, k, latent_dim, latent_dim):
+    mixtures, components = w.shape if w.dim() == 2 else (None, None)
+    if mixtures not in (1, num_classes) or m.shape != (mixtures, components, latent_dim) \
+            or s.shape != (mixtures, components, latent_dim, latent_dim):
         raise ValueError(f"fitted_prior shapes {tuple(w.shape)}, {tuple(m.shape)}, {tuple(s.shape)} do not fit "
                          f"{num_classes} classes and latent_dim {latent_dim}")
     if not (torch.isfinite(w).all() and torch.isfinite(m).all() and torch.isfinite(s).all()) or (w < 0).any() \
@@ -88,7 +89,7 @@ def load_prior(prior: Any, num_classes: int, latent_dim: int) -> dict[str, Any] 
     if prior is None:
         return None
     check_prior(prior, num_classes, latent_dim)
-    return {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in prior.items()}
+    return {name: value.cpu() if isinstance(value, torch.Tensor) else value for name, value in prior.items()}
 
 
 def sample_prior(prior: dict[str, Any], labels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -114,6 +115,19 @@ def resolve_prior(name: str, fitted: dict[str, Any] | None) -> str:
     return name
 
 
+def describe_prior(name: str, fitted: dict[str, Any] | None) -> str:
+    """The prior `name` ("auto", "standard" or "fitted") in words, for the printed report, the figures and the UI."""
+    if resolve_prior(name, fitted) == "standard":
+        return "the standard normal N(0, I)"
+    components = fitted["weights"].shape[1]
+    density = "a Gaussian" if components == 1 else f"a mixture of {components} Gaussians"
+    if fitted.get("kind", "per-class") == "global":
+        density = f"one {density.removeprefix('a ')} for all digits"
+    else:
+        density = f"{density} per digit"
+    return f"{density}, fitted to the training codes"
+
+
 def draw_z(name: str, fitted: dict[str, Any] | None, labels: torch.Tensor, latent_dim: int,
            generator: torch.Generator | None = None) -> torch.Tensor:
     """One z per label (N,) from the prior `name` ("auto", "standard" or "fitted"): (N, latent_dim) on the CPU."""
@@ -126,7 +140,7 @@ class FitPrior(Callback):
     """When fit ends (also when a resumed run had no epochs left), fit the sampling prior to the posterior means of
     the training images; the final checkpoint stores it."""
 
-    def __init__(self, kind: str, components: int, seed: int) -> None:
+    def __init__(self, kind: str = "per-class", components: int = 1, seed: int = 0) -> None:
         self.kind, self.components, self.seed = kind, components, seed
 
     def on_fit_end(self, trainer, pl_module) -> None:

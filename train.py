@@ -8,6 +8,7 @@ and TensorBoard events (`tensorboard --logdir runs/cvae`).
 """
 from __future__ import annotations
 
+import inspect
 import os
 import shlex
 import sys
@@ -30,30 +31,40 @@ from prior import MIXTURE_KINDS, FitPrior
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")
 
 
+def defaults(cls) -> dict:
+    """The default of every constructor argument of `cls`: the recipe lives in the classes (CVAE, MNISTDataModule,
+    FitPrior), and the flags' defaults are read from them, so the script and a notebook cannot drift apart."""
+    return {name: p.default for name, p in inspect.signature(cls).parameters.items() if p.default is not p.empty}
+
+
+MODEL, DATA, PRIOR = defaults(CVAE), defaults(MNISTDataModule), defaults(FitPrior)
+
+
 def build_parser() -> ArgParser:
     p = ArgParser(description="Train a conditional VAE on MNIST.")
     g = p.add_argument_group("model and objective")
-    g.add_argument("--latent-dim", type=bounded(int, 1), default=2, help="size of z")
-    g.add_argument("--kl-weight", type=bounded(float, 0), default=1.0, help="beta: weight of the KL term "
-                   "(0 = the original plain-MSE autoencoder)")
+    g.add_argument("--latent-dim", type=bounded(int, 1), default=MODEL["latent_dim"], help="size of z")
+    g.add_argument("--kl-weight", type=bounded(float, 0), default=MODEL["kl_weight"], help="beta: weight of the KL "
+                   "term (0 = the original plain-MSE autoencoder)")
     # Without warm-up, MSE + KL often switches off one of the two latent dimensions early in training
     # (README: Sample quality; bench/seeds.py measures the recipe on three seeds).
-    g.add_argument("--kl-warmup-epochs", type=bounded(float, 0), default=2.0,
+    g.add_argument("--kl-warmup-epochs", type=bounded(float, 0), default=MODEL["kl_warmup_epochs"],
                    help="ramp beta linearly from 0 over this many epochs, per step (0 = off)")
-    g.add_argument("--free-bits", type=bounded(float, 0), default=0.0,
+    g.add_argument("--free-bits", type=bounded(float, 0), default=MODEL["free_bits"],
                    help="minimum KL per latent dimension in nats, in the training objective (0 = off)")
-    g.add_argument("--prior", choices=(*MIXTURE_KINDS, "none"), default="per-class",
+    g.add_argument("--prior", choices=(*MIXTURE_KINDS, "none"), default=PRIOR["kind"],
                    help="after training, fit a Gaussian mixture to the training codes for sampling "
                         "(per digit, or one for all digits)")
-    g.add_argument("--prior-components", type=bounded(int, 1), default=1, help="mixture components of that prior")
+    g.add_argument("--prior-components", type=bounded(int, 1), default=PRIOR["components"],
+                   help="mixture components of that prior")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=bounded(int, 1), default=10, help="number of epochs")
-    g.add_argument("--batch-size", type=bounded(int, 1), default=100, help="batch size (per process)")
-    g.add_argument("--lr", type=bounded(float, 0, low_open=True), default=1e-3, help="Adam learning rate")
+    g.add_argument("--batch-size", type=bounded(int, 1), default=DATA["batch_size"], help="batch size (per process)")
+    g.add_argument("--lr", type=bounded(float, 0, low_open=True), default=MODEL["lr"], help="Adam learning rate")
     g.add_argument("--seed", type=bounded(int, 0), default=0, help="random seed (weights, split, shuffling)")
     g = p.add_argument_group("data")
     g.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR, help="where MNIST is (or is written)")
-    g.add_argument("--val-size", type=bounded(int, 1, TRAIN_SIZE - 1), default=5_000,
+    g.add_argument("--val-size", type=bounded(int, 1, TRAIN_SIZE - 1), default=DATA["val_size"],
                    help="validation images held out of the 60k training set")
     g.add_argument("--train-size", type=bounded(int, 1), default=None,
                    help="use only this many training images (quick experiments)")
@@ -111,8 +122,10 @@ def check_resumable(checkpoint: dict, model, path: Path) -> None:
                               f"checkpoint written by train.py can be resumed")
     saved = checkpoint.get("hyper_parameters")
     saved = saved if isinstance(saved, dict) else {}
-    differ = [f"{name} {saved.get(name)!r} in the checkpoint, {value!r} now" for name, value in model.hparams.items()
-              if saved.get(name) != value]
+    # A hyper-parameter newer than the checkpoint had its default then.
+    was = {name: saved.get(name, MODEL.get(name)) for name in model.hparams}
+    differ = [f"{name} {was[name]!r} in the checkpoint, {value!r} now" for name, value in model.hparams.items()
+              if was[name] != value]
     if differ:
         raise CheckpointError(f"{path} was trained with other settings ({'; '.join(differ)}); resume with the "
                               f"flags of the original run")

@@ -1,65 +1,51 @@
-"""Sample quality across seeds: train the default recipe on several seeds and judge each with test.py's evaluate().
+"""Sample quality across seeds: train the default recipe on several seeds and judge each checkpoint as test.py does.
 
     python bench/seeds.py                                  # seeds 0 1 2, default recipe, ~2 min per seed + eval
     python bench/seeds.py --train-args "--kl-warmup-epochs 0"   # the recipe without warm-up, for comparison
     python bench/seeds.py --compare-priors                 # also refit other sampling priors on each checkpoint
 
-One row per seed: test KL, active units, reconstruction MSE per pixel (z = posterior mean), the negative ELBO and the
-importance-weighted bound (k = 100) per image in loss units, the CVAE's accuracy as a classifier, conditional accuracy
-and sample FID with the prior the checkpoint samples from, and the reconstruction FID. Checkpoints go to --out-dir; an
-existing checkpoint for a seed is reused with --reuse (same flags assumed). bench/sweep.py trains and judges its runs
-with train() and seed_row() from here.
+One row per seed: the time of its `python train.py`, then metrics.SUMMARY, the numbers test.py reports that travel
+into tables (KL, distortion, active units, the bounds, the CVAE's accuracy as a classifier, conditional accuracy and
+sample FID with the prior the checkpoint samples from, the reconstruction FID, and the same two with N(0, I)).
+Checkpoints go to --out-dir; an existing checkpoint for a seed is reused with --reuse (same flags assumed).
+bench/sweep.py trains and judges its runs with train() and judge_checkpoint() from here.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shlex
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 # Alternative sampling priors compared with --compare-priors: (kind, mixture components).
 PRIOR_VARIANTS = (("per-class", 1), ("per-class", 3), ("global", 1), ("global", 10))
+# A row's first columns, before metrics.SUMMARY's: (key, title).
+RUN_COLUMNS = (("seed", "seed"), ("train_s", "train.py (s)"))
 
 
-class SeedRow(NamedTuple):
-    """One seed's checkpoint, judged by test.py's evaluate()."""
+def row_header() -> str:
+    """The markdown header of seed rows: RUN_COLUMNS, then a column per metrics.SUMMARY entry."""
+    from metrics import SUMMARY
 
-    seed: int
-    train_s: float     # the whole `python train.py` process; NaN for a reused checkpoint
-    kl: float          # test KL per image, nats: the rate
-    kl_dims: list[float]
-    active_units: int  # latent dimensions whose posterior mean varies (Burda et al. 2016)
-    recon: float       # summed squared error per image, one z draw: the distortion
-    mse: float         # per pixel, z = posterior mean
-    neg_elbo: float    # per image, loss units
-    iw_bound: float    # importance-weighted, k = 100, loss units
-    class_accuracy: float  # the CVAE as a classifier, argmax_y log p(x | y)
-    prior: str         # the prior the checkpoint samples from
-    accuracy: float    # conditional accuracy with that prior
-    fid: float         # sample FID with that prior
-    recon_fid: float
-    standard_accuracy: float  # the same two with N(0, I)
-    standard_fid: float
-
-    def markdown(self) -> str:
-        dims = ", ".join(f"{d:.2f}" for d in self.kl_dims)
-        return (f"| {self.seed} | {self.train_s:.1f} | {self.kl:.2f} | {dims} | {self.active_units} "
-                f"| {self.mse:.4f} | {self.neg_elbo:.2f} | {self.iw_bound:.2f} | {100 * self.class_accuracy:.1f}% "
-                f"| {self.prior} | {100 * self.accuracy:.2f}% | {self.fid:.1f} "
-                f"| {self.recon_fid:.1f} | {100 * (self.fid / self.recon_fid - 1):+.1f}% "
-                f"| {100 * self.standard_accuracy:.2f}% | {self.standard_fid:.1f} |")
+    titles = [title for _, title in RUN_COLUMNS] + [entry.header or entry.label for entry in SUMMARY]
+    return "| " + " | ".join(titles) + " |\n" + "|---" * len(titles) + "|"
 
 
-SEED_HEADER = ("| seed | train.py (s) | KL (nats) | KL per dim | active units | MSE/pixel | -ELBO | IW bound "
-               "| as a classifier | prior | cond. acc. | sample FID | recon FID | FID gap | N(0,I) acc. "
-               "| N(0,I) FID |\n"
-               "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+def row_markdown(row: dict[str, Any]) -> str:
+    """One seed's row (RUN_COLUMNS and metrics.SUMMARY's keys) as a markdown line; "–" for a missing value."""
+    from metrics import SUMMARY, format_value
+
+    train_s = row["train_s"]
+    cells = [str(row["seed"]), "–" if train_s != train_s else f"{train_s:.1f}"]  # NaN: a reused checkpoint
+    cells += [format_value(entry, row.get(entry.key)) for entry in SUMMARY]
+    return "| " + " | ".join(cells) + " |"
 
 
 class PriorRow(NamedTuple):
@@ -107,34 +93,37 @@ def train(command: list[str], log: Path) -> float:
     return time.perf_counter() - start
 
 
-def seed_row(seed: int, train_s: float, m: dict) -> SeedRow:
-    """The row of one seed from evaluate()'s metrics."""
-    t, lk = m["test"], m["likelihood"]
-    gen, standard = m["generation"][m["prior_used"]], m["generation"]["standard"]
-    return SeedRow(seed, train_s, t["kl_per_image"], t["kl_per_dim"], m["latent"]["active_units"],
-                   t["recon_per_image"], t["mse_per_pixel_posterior_mean"], lk["neg_elbo_per_image"],
-                   lk["iw_bound_per_image"], m["generative_classification"]["accuracy"], m["prior_used"],
-                   gen["conditional_accuracy"], gen["fid"], m["reconstruction_fid"], standard["conditional_accuracy"],
-                   standard["fid"])
+def judge_checkpoint(model, judge, test_set, samples_per_digit: int = 1_000, **settings: int):
+    """test.py's evaluation of one model (seed 0): (metrics.evaluate's dict, the metrics.Outputs it came from).
+    `settings`: evaluate's iw_samples, classify_per_digit and classify_iw_samples."""
+    from metrics import evaluate, model_outputs
+
+    outputs = model_outputs(model, judge, *test_set, samples_per_digit, seed=0)
+    return evaluate(model, outputs, seed=0, **settings), outputs
 
 
-def compare_priors(model, seed: int, args: argparse.Namespace, judge) -> list[PriorRow]:
-    """Refit each of PRIOR_VARIANTS to the seed's training codes and judge its samples."""
+def compare_priors(model, outputs, seed: int, args: argparse.Namespace, judge) -> list[PriorRow]:
+    """Refit each of PRIOR_VARIANTS to the seed's training codes and judge its samples against the same test-set
+    outputs (only the samples change)."""
+    from classifier import fid
     from dataset import MNISTDataModule
+    from metrics import Samples, generate, generation_metrics, judge_images
     from prior import fit_gmm_prior
-    from test import evaluate
 
     data = MNISTDataModule(args.data_dir, seed=seed)
     data.setup()
     train_set = data.splits["train"]
     z = model.posterior_means(train_set.pixels, train_set.labels)
+    recon_fid = fid(outputs.reconstructed.features, outputs.test.features)
     rows = []
-    for kind, k in PRIOR_VARIANTS:
-        model.fitted_prior = fit_gmm_prior(z, train_set.labels, model.hparams.num_classes, kind, k, seed=seed)
-        g = evaluate(model, args.data_dir, args.samples_per_digit, seed=0, judge=judge)
-        fitted = g["generation"]["fitted"]
-        rows.append(PriorRow(seed, f"{kind}, {k} component{'s' * (k > 1)}", fitted["conditional_accuracy"],
-                             fitted["fid"], g["reconstruction_fid"]))
+    for kind, components in PRIOR_VARIANTS:
+        model.fitted_prior = fit_gmm_prior(z, train_set.labels, model.hparams.num_classes, kind, components,
+                                           seed=seed)
+        images, labels = generate(model, "fitted", args.samples_per_digit, seed=0)
+        refitted = dataclasses.replace(outputs, samples={"fitted": Samples(images, labels, judge_images(judge, images))})
+        fitted = generation_metrics(refitted)["fitted"]
+        rows.append(PriorRow(seed, f"{kind}, {components} component{'s' * (components > 1)}",
+                             fitted["conditional_accuracy"], fitted["fid"], recon_fid))
     return rows
 
 
@@ -142,14 +131,16 @@ def main() -> None:
     args = parse_args()
     import torch
 
-    from checkpoint import load_cvae
     from classifier import load_judge
-    from test import evaluate
+    from dataset import load_test_set
+    from metrics import summary
+    from model import load_cvae
 
     args.out_dir.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)  # evaluation only; training runs in its own process with its own threads
     judge, _ = load_judge()
-    rows: list[SeedRow] = []
+    test_set = load_test_set(args.data_dir)
+    rows: list[dict[str, Any]] = []
     prior_rows: list[PriorRow] = []
     for seed in args.seeds:
         ckpt = args.out_dir / f"seed{seed}.ckpt"
@@ -158,15 +149,15 @@ def main() -> None:
         reuse = args.reuse and ckpt.is_file()
         train_s = float("nan") if reuse else train(command, args.out_dir / f"train{seed}.log")
         model = load_cvae(ckpt)
-        rows.append(seed_row(seed, train_s, evaluate(model, args.data_dir, args.samples_per_digit, seed=0,
-                                                     judge=judge)))
+        numbers, outputs = judge_checkpoint(model, judge, test_set, args.samples_per_digit)
+        rows.append({"seed": seed, "train_s": train_s, **summary(numbers)})
         if args.compare_priors:
-            prior_rows += compare_priors(model, seed, args, judge)
+            prior_rows += compare_priors(model, outputs, seed, args, judge)
 
-    print(f"\ntrain.py {args.train_args or '(defaults)'}; judged by test.py's evaluate()\n")
-    print(SEED_HEADER)
+    print(f"\ntrain.py {args.train_args or '(defaults)'}; judged as test.py judges\n")
+    print(row_header())
     for row in rows:
-        print(row.markdown())
+        print(row_markdown(row))
     if prior_rows:
         print("\n" + PRIOR_HEADER)
         for row in prior_rows:

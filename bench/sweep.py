@@ -1,4 +1,4 @@
-"""What beta, the size of z and training length do: a grid of training runs, each judged by test.py's evaluate().
+"""What beta, the size of z and training length do: a grid of training runs, each judged as test.py judges.
 
     python bench/sweep.py                               # the whole grid on seeds 0 1 2 -> runs/sweep/
     python bench/sweep.py --grid beta --jobs 2          # only the beta cells, two runs at a time
@@ -11,15 +11,17 @@
 
 The grid (GRIDS): beta 0.25 ... 2 at z size 2 and 10 epochs; z size 2, 4, 8, 16 at beta 1; 10, 20 and 40 epochs at
 beta 1. A run is one plain `python train.py --kl-weight B --latent-dim D --epochs E --seed S ...` (the default recipe
-otherwise: KL warm-up, fitted prior), then evaluate() on its checkpoint. Each run adds a row to OUT_DIR/results.csv
-when it is judged; a run already there is skipped, so an interrupted sweep continues where it stopped, and a run whose
-checkpoint exists is judged without training it again. From the CSV's rows of the chosen grids and seeds
-(write_report): sweep.md, the medians and ranges per cell, and three figures: rate_distortion.png (Alemi et al.
-2018), beta_metrics.png and beta_samples.png.
+otherwise: KL warm-up, fitted prior), then metrics.evaluate() on its checkpoint. Each run adds a row to
+OUT_DIR/results.csv when it is judged (its cell, then metrics.SUMMARY's numbers; a CSV written before a number
+existed reads that column as missing); a run already there is skipped, so an interrupted sweep continues where it
+stopped, and a run whose checkpoint exists is judged without training it again. From the CSV's rows of the chosen
+grids and seeds (write_report): sweep.md, the medians and ranges per cell, and three figures (figures.py):
+rate_distortion.png (Alemi et al. 2018), beta_metrics.png and beta_samples.png.
 """
 from __future__ import annotations
 
 import csv
+import io
 import math
 import os
 import shlex
@@ -33,17 +35,18 @@ from typing import Any, NamedTuple
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # the repo's scripts, test.py before the standard library's test package
+sys.path.insert(0, str(ROOT))  # the repo's modules
 sys.path.insert(1, str(ROOT / "bench"))
 
 # After the path:
-from checkpoint import load_cvae  # noqa: E402
+import figures  # noqa: E402
+from checkpoint import atomic_write  # noqa: E402
 from classifier import load_judge  # noqa: E402
 from cli import ArgParser, bounded  # noqa: E402
-from dataset import DEFAULT_DATA_DIR  # noqa: E402
-from seeds import SEED_HEADER, SeedRow, seed_row, train, train_command  # noqa: E402
-from test import (CLASSIFY_IW_SAMPLES, CLASSIFY_PER_DIGIT, DPI, IW_SAMPLES, evaluate, show_grid, tile,  # noqa: E402
-                  tile_centres)
+from dataset import DEFAULT_DATA_DIR, load_test_set  # noqa: E402
+from metrics import CLASSIFY_IW_SAMPLES, CLASSIFY_PER_DIGIT, IW_SAMPLES, SUMMARY, summary  # noqa: E402
+from model import load_cvae  # noqa: E402
+from seeds import RUN_COLUMNS, judge_checkpoint, row_header, row_markdown, train, train_command  # noqa: E402
 
 
 class Cell(NamedTuple):
@@ -60,8 +63,12 @@ GRIDS = {
     "z": [DEFAULT._replace(latent_dim=d) for d in (2, 4, 8, 16)],
     "epochs": [DEFAULT._replace(epochs=e) for e in (10, 20, 40)],
 }
-# The CSV: the cell, then a SeedRow (its list of KL per dimension space-separated), the checkpoint and any extra flags.
-FIELDS = ("name", *Cell._fields, *SeedRow._fields, "ckpt", "train_args")
+# The CSV: the cell, the seed and its train.py time, metrics.SUMMARY's numbers (a list space-separated), the checkpoint
+# and any extra flags.
+FIELDS = ("name", *Cell._fields, *(key for key, _ in RUN_COLUMNS), *(entry.key for entry in SUMMARY), "ckpt",
+          "train_args")
+KINDS = {"name": str, **{name: type(value) for name, value in DEFAULT._asdict().items()}, "seed": int,
+         "train_s": float, **{entry.key: entry.kind for entry in SUMMARY}, "ckpt": str, "train_args": str}
 SAMPLE_SEED = 0  # the codes beta_samples.png decodes under every beta
 
 
@@ -97,42 +104,58 @@ def command(run: Run, args) -> list[str]:
 
 
 # ----- running ------------------------------------------------------------------------------------------------------
-def run_one(run: Run, args, judge) -> dict[str, Any]:
+def run_one(run: Run, args, judge, test_set) -> dict[str, Any]:
     """Train a run (unless its checkpoint exists) and judge it: its CSV row."""
     ckpt, _, log = paths(run, args.out_dir)
     train_s = math.nan if ckpt.is_file() else train(command(run, args), log)
-    metrics = evaluate(load_cvae(ckpt), args.data_dir, args.samples_per_digit, seed=0, iw_samples=args.iw_samples,
-                       judge=judge, classify_per_digit=args.classify_per_digit,
-                       classify_iw_samples=args.classify_iw_samples)
-    row = seed_row(run.seed, train_s, metrics)._asdict()
-    row["kl_dims"] = " ".join(f"{v:.4f}" for v in row["kl_dims"])
-    return {"name": run.name, **run.cell._asdict(), **row, "ckpt": str(ckpt), "train_args": args.train_args}
+    numbers, _ = judge_checkpoint(load_cvae(ckpt), judge, test_set, args.samples_per_digit,
+                                  iw_samples=args.iw_samples, classify_per_digit=args.classify_per_digit,
+                                  classify_iw_samples=args.classify_iw_samples)
+    return {"name": run.name, **run.cell._asdict(), "seed": run.seed, "train_s": train_s, **summary(numbers),
+            "ckpt": str(ckpt), "train_args": args.train_args}
+
+
+def to_text(value: Any) -> str:
+    """A value as the CSV holds it: a list space-separated."""
+    return " ".join(f"{v:.4f}" for v in value) if isinstance(value, list) else "" if value is None else str(value)
+
+
+def from_text(kind: type, text: str) -> Any:
+    """The CSV's text read back as `kind`; an empty cell (a column the run's row did not have) is NaN or None."""
+    if text == "":
+        return math.nan if kind is float else None
+    if kind is list:
+        return [float(v) for v in text.split()]
+    return kind(text)
 
 
 def append_row(path: Path, row: dict[str, Any]) -> None:
-    new = not path.is_file()
-    with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS)
-        if new:
-            writer.writeheader()
-        writer.writerow(row)
+    """Add a row to the CSV, rewriting it whole (atomically: a crash leaves the old file or the new one). A CSV written
+    before a column existed gets that column at the end, empty in its old rows, so no column shifts under its
+    header."""
+    rows, header = [], list(FIELDS)
+    if path.is_file():
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            rows, header = list(reader), list(reader.fieldnames or [])
+        header += [name for name in FIELDS if name not in header]
+    rows.append({name: to_text(row.get(name)) for name in header})
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=header, restval="")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write(path, lambda f: f.write(text.getvalue().encode()))
 
 
 def read_results(path: Path) -> list[dict[str, Any]]:
-    """The CSV's rows with numbers as numbers; none when there is no CSV yet."""
+    """The CSV's rows with numbers as numbers (by KINDS; a column the code no longer knows stays text); none when
+    there is no CSV yet. A column the CSV lacks reads as missing in every row."""
     if not path.is_file():
         return []
-    text = {"name", "prior", "ckpt", "train_args"}
-    whole = {"latent_dim", "epochs", "seed", "active_units"}
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
-    for row in rows:
-        for key, value in row.items():
-            if key == "kl_dims":
-                row[key] = [float(v) for v in value.split()]
-            elif key not in text:
-                row[key] = int(value) if key in whole else float(value)
-    return rows
+    return [{name: from_text(KINDS.get(name, str), row.get(name) or "") for name in dict.fromkeys([*FIELDS, *row])}
+            for row in rows]
 
 
 def run_grid(runs: list[Run], args) -> int:
@@ -141,10 +164,11 @@ def run_grid(runs: list[Run], args) -> int:
     for folder in ("ckpts", "runs", "logs"):
         (args.out_dir / folder).mkdir(parents=True, exist_ok=True)
     judge, _ = load_judge()
+    test_set = load_test_set(args.data_dir) if runs else None
     failed = 0
     # Threads suffice: training runs in its own process and evaluation in torch, which releases the GIL.
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        futures = {pool.submit(run_one, run, args, judge): run for run in runs}
+        futures = {pool.submit(run_one, run, args, judge, test_set): run for run in runs}
         for future in as_completed(futures):
             run = futures[future]
             try:
@@ -169,78 +193,31 @@ def cells_of(rows: list[dict[str, Any]]) -> dict[Cell, list[dict[str, Any]]]:
 
 
 def spread(values: list[float], fmt: str, scale: float = 1.0) -> str:
-    """'median (min–max)' of the values over seeds; NaN (a train time not measured) left out."""
-    v = [scale * x for x in values if not math.isnan(x)]
+    """'median (min–max)' of the values over seeds; NaN (a train time not measured, a number the run's row lacks)
+    left out."""
+    v = [scale * x for x in values if x is not None and not math.isnan(x)]
     return f"{statistics.median(v):{fmt}} ({min(v):{fmt}}–{max(v):{fmt}})" if v else "–"
 
 
-TABLE = (  # column, CSV field, format, scale
-    ("KL (rate)", "kl", ".2f", 1), ("distortion", "recon", ".2f", 1), ("−ELBO", "neg_elbo", ".2f", 1),
-    ("IW bound", "iw_bound", ".2f", 1), ("active units", "active_units", "g", 1),
-    ("as a classifier (%)", "class_accuracy", ".1f", 100), ("cond. acc. (%)", "accuracy", ".2f", 100),
-    ("sample FID", "fid", ".1f", 1), ("train.py (s)", "train_s", ".0f", 1),
-)
+# The table of medians: metrics.SUMMARY's entries marked `median`, then the train.py time.
+MEDIAN_COLUMNS = [(f"{e.header or e.label}{' (%)' if e.unit == '%' else ''}", e.key, e.fmt, e.scale)
+                  for e in SUMMARY if e.median] + [("train.py (s)", "train_s", ".0f", 1)]
 
 
 def write_table(rows: list[dict[str, Any]], path: Path) -> Path:
     """sweep.md: per cell, the median over its seeds and (in brackets) the smallest and largest value; then every
     run, cell by cell, one row per seed as seeds.py prints it."""
-    lines = ["| β | z | epochs | seeds | " + " | ".join(name for name, *_ in TABLE) + " |",
-             "|" + "---|" * (4 + len(TABLE))]
+    lines = ["| β | z | epochs | seeds | " + " | ".join(name for name, *_ in MEDIAN_COLUMNS) + " |",
+             "|" + "---|" * (4 + len(MEDIAN_COLUMNS))]
     groups = cells_of(rows)
     for cell, group in groups.items():
-        values = " | ".join(spread([row[key] for row in group], fmt, scale) for _, key, fmt, scale in TABLE)
+        values = " | ".join(spread([row[key] for row in group], fmt, scale) for _, key, fmt, scale in MEDIAN_COLUMNS)
         lines.append(f"| {cell.kl_weight:g} | {cell.latent_dim} | {cell.epochs} | {len(group)} | {values} |")
     for cell, group in groups.items():
-        lines += ["", f"β {cell.kl_weight:g}, z size {cell.latent_dim}, {cell.epochs} epochs:", "", SEED_HEADER]
-        lines += [SeedRow(**{key: row[key] for key in SeedRow._fields}).markdown()
-                  for row in sorted(group, key=lambda row: row["seed"])]
+        lines += ["", f"β {cell.kl_weight:g}, z size {cell.latent_dim}, {cell.epochs} epochs:", "", row_header()]
+        lines += [row_markdown(row) for row in sorted(group, key=lambda row: row["seed"])]
     path.write_text("\n".join(lines) + "\n")
     return path
-
-
-def beta_colours(betas: list[float]) -> dict[float, Any]:
-    from matplotlib import colormaps
-
-    cmap = colormaps["viridis"]
-    return {b: cmap(i / max(1, len(betas) - 1)) for i, b in enumerate(sorted(betas))}
-
-
-def plot_rate_distortion(rows: list[dict[str, Any]], out_dir: Path) -> Path:
-    """rate_distortion.png: each run's rate (KL) against its distortion (summed squared error), coloured by beta,
-    with dashed lines of equal -ELBO = distortion + rate (Alemi et al. 2018, "Fixing a Broken ELBO")."""
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
-
-    fig = Figure(figsize=(8.0, 6.5), dpi=DPI)  # the object API, as in test.py
-    ax = fig.add_axes((0.1, 0.1, 0.86, 0.8))
-    colours = beta_colours(sorted({row["kl_weight"] for row in rows}))
-    markers = {2: "o", 4: "s", 8: "^", 16: "D"}
-    for row in rows:
-        ax.scatter(row["recon"], row["kl"], color=colours[row["kl_weight"]], marker=markers.get(row["latent_dim"], "P"),
-                   s=30 * row["epochs"] / DEFAULT.epochs, edgecolors="0.2", linewidths=0.5, zorder=3)
-    for b, colour in colours.items():
-        ax.scatter([], [], color=colour, label=f"β = {b:g}")
-    for d in sorted({row["latent_dim"] for row in rows}):
-        ax.scatter([], [], color="white", edgecolors="0.2", marker=markers.get(d, "P"), label=f"z size {d}")
-    x_lim, y_lim = ax.get_xlim(), ax.get_ylim()
-    sums = [row["recon"] + row["kl"] for row in rows]
-    for total in MaxNLocator(6).tick_values(min(sums), max(sums)):  # distortion + rate = total
-        ax.plot([total - y_lim[0], total - y_lim[1]], y_lim, "--", color="0.6", lw=0.8, zorder=1)
-        x, y = total - y_lim[0], y_lim[0]  # label it where it leaves the plot: the bottom edge, else the right one
-        if x > x_lim[1]:
-            x, y = x_lim[1], total - x_lim[1]
-        ax.annotate(f"{total:g}", (x, y), xytext=(-2, 2), textcoords="offset points", fontsize=8, color="0.4",
-                    ha="right", va="bottom", annotation_clip=True)
-    ax.set_xlim(x_lim)
-    ax.set_ylim(y_lim)
-    ax.set_xlabel("distortion: summed squared error per test image (one z draw)")
-    ax.set_ylabel("rate: KL(q(z|x,y) || N(0, I)) per test image, nats")
-    ax.legend(fontsize=8, loc="upper right", framealpha=0.9)
-    ax.grid(alpha=0.3)
-    fig.suptitle("Rate against distortion, one point per run (larger markers: longer training)\n"
-                 "dashed: equal −ELBO = distortion + rate, its value at the line's end", fontsize=11)
-    return save(fig, out_dir / "rate_distortion.png")
 
 
 BETA_PANELS = (  # CSV field, title, scale
@@ -256,34 +233,11 @@ def beta_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [row for row in rows if (row["latent_dim"], row["epochs"]) == (DEFAULT.latent_dim, DEFAULT.epochs)]
 
 
-def plot_beta_metrics(rows: list[dict[str, Any]], out_dir: Path) -> Path:
-    """beta_metrics.png: sample FID, conditional accuracy, accuracy as a classifier and the IW bound against beta;
-    the median over seeds joined by a line, every seed a dot, the bar from the smallest to the largest."""
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(10.0, 7.0), dpi=DPI)
-    axes = fig.subplots(2, 2, gridspec_kw=dict(left=0.08, right=0.98, bottom=0.08, top=0.88, wspace=0.22,
-                                               hspace=0.35))
+def beta_metrics(rows: list[dict[str, Any]]):
+    """beta_metrics.png's data: (the betas, {panel title: per beta, the value of each seed}) for BETA_PANELS."""
     groups = {cell.kl_weight: group for cell, group in cells_of(beta_rows(rows)).items()}
     betas = sorted(groups)
-    for ax, (key, title, scale) in zip(axes.flat, BETA_PANELS):
-        values = [[scale * row[key] for row in groups[b]] for b in betas]
-        medians = [statistics.median(v) for v in values]
-        ax.errorbar(betas, medians, yerr=[[m - min(v) for m, v in zip(medians, values)],
-                                          [max(v) - m for m, v in zip(medians, values)]],
-                    fmt="-o", capsize=3, color="tab:blue", zorder=2)
-        for b, v in zip(betas, values):
-            ax.scatter([b] * len(v), v, s=8, color="0.5", zorder=3)
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(betas, [f"{b:g}" for b in betas])
-        ax.minorticks_off()
-        ax.set_xlabel("β (KL weight)")
-        ax.set_title(title, fontsize=10)
-        ax.grid(alpha=0.3)
-    seeds = sorted({row["seed"] for row in beta_rows(rows)})
-    fig.suptitle(f"What β does (z size {DEFAULT.latent_dim}, {DEFAULT.epochs} epochs): median over seeds "
-                 f"{', '.join(map(str, seeds))}, bars from the smallest to the largest", fontsize=11)
-    return save(fig, out_dir / "beta_metrics.png")
+    return betas, {title: [[scale * row[key] for row in groups[b]] for b in betas] for key, title, scale in BETA_PANELS}
 
 
 def beta_samples(rows: list[dict[str, Any]], per_row: int = 10):
@@ -300,32 +254,6 @@ def beta_samples(rows: list[dict[str, Any]], per_row: int = 10):
     return betas, torch.stack(images) if images else torch.empty(0, per_row, 28, 28)
 
 
-def plot_beta_samples(rows: list[dict[str, Any]], out_dir: Path) -> Path | None:
-    """beta_samples.png: one row of samples per beta, every row from the same codes (beta_samples); None when no
-    checkpoint of the beta grid is on disk."""
-    from matplotlib.figure import Figure
-
-    betas, images = beta_samples(rows)
-    if not betas:
-        return None
-    side, height = images.shape[-1], 0.8 + 0.75 * len(betas)  # inches: title and labels, then a row per beta
-    fig = Figure(figsize=(8.0, height), dpi=DPI)
-    ax = fig.add_axes((0.12, 0.02, 0.86, 0.75 * len(betas) / height))
-    show_grid(ax, tile(images))
-    ax.set_yticks(tile_centres(len(betas), side), [f"β = {b:g}" for b in betas])
-    ax.set_xticks(tile_centres(images.shape[1], side), [str(c % 10) for c in range(images.shape[1])])
-    ax.xaxis.tick_top()
-    ax.tick_params(length=0)
-    fig.suptitle(f"The same codes z ~ N(0, I) (seed {SAMPLE_SEED}) decoded by each β's model (its lowest seed)",
-                 fontsize=10)
-    return save(fig, out_dir / "beta_samples.png")
-
-
-def save(fig, path: Path) -> Path:
-    fig.savefig(path, dpi=DPI)
-    return path
-
-
 def write_report(csv_path: Path, out_dir: Path, runs: list[Run] | None = None) -> list[Path]:
     """The table and figures from a results CSV: its rows of `runs` (default: all of them); a figure with nothing to
     show is left out."""
@@ -333,11 +261,20 @@ def write_report(csv_path: Path, out_dir: Path, runs: list[Run] | None = None) -
     if runs is not None:
         names = {run.name for run in runs}
         rows = [row for row in rows if row["name"] in names]
-    written = [write_table(rows, out_dir / "sweep.md"), plot_rate_distortion(rows, out_dir)]
+    written = [write_table(rows, out_dir / "sweep.md"),
+               figures.save(figures.rate_distortion(rows, DEFAULT.epochs), out_dir / "rate_distortion.png")]
     if beta_rows(rows):
-        written.append(plot_beta_metrics(rows, out_dir))
-        written.append(plot_beta_samples(rows, out_dir))
-    return [path for path in written if path is not None]
+        seeds = ", ".join(map(str, sorted({row["seed"] for row in beta_rows(rows)})))
+        title = (f"What β does (z size {DEFAULT.latent_dim}, {DEFAULT.epochs} epochs): median over seeds {seeds}, "
+                 f"bars from the smallest to the largest")
+        written.append(figures.save(figures.against_beta(*beta_metrics(rows), title), out_dir / "beta_metrics.png"))
+        betas, images = beta_samples(rows)
+        if betas:
+            fig = figures.rows_of_samples(images, [f"β = {b:g}" for b in betas],
+                                          f"The same codes z ~ N(0, I) (seed {SAMPLE_SEED}) decoded by each β's "
+                                          f"model (its lowest seed)")
+            written.append(figures.save(fig, out_dir / "beta_samples.png"))
+    return written
 
 
 # ----- command line -------------------------------------------------------------------------------------------------
@@ -359,11 +296,12 @@ def build_parser() -> ArgParser:
                         "recipe its own --out-dir)")
     p.add_argument("--samples-per-digit", type=bounded(int, 2), default=1_000,
                    help="prior samples per digit for conditional accuracy and FID")
-    p.add_argument("--iw-samples", type=bounded(int, 1), default=IW_SAMPLES, help="k of the likelihood bound")
+    p.add_argument("--iw-samples", type=bounded(int, 1), default=IW_SAMPLES,
+                   help="samples of z per test image for the likelihood bound")
     p.add_argument("--classify-per-digit", type=bounded(int, 1), default=CLASSIFY_PER_DIGIT,
                    help="test images per digit the CVAE classifies")
     p.add_argument("--classify-iw-samples", type=bounded(int, 1), default=CLASSIFY_IW_SAMPLES,
-                   help="k of the bound on each log p(x|y) of that classifier")
+                   help="samples of z for the bound on each log p(x|y) of that classifier")
     p.add_argument("--print-commands", action="store_true",
                    help="print the train.py commands of the runs not yet trained, one per line, and exit")
     p.add_argument("--report-only", action="store_true",

@@ -3,6 +3,7 @@ checkpoints."""
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -55,3 +56,11 @@ def short_run(data_dir, tmp_path_factory) -> Path:
     assert train.main(["--epochs", "1", "--train-size", "10000", "--no-progress", "--prior", "none",
                        "--data-dir", str(data_dir), "--ckpt", str(out / "short.ckpt"), "--run-dir", str(out)]) == 0
     return out
+
+
+@pytest.fixture
+def restore_sigint():
+    """Lightning ignores SIGINT from the first Ctrl-C on; give pytest its handler back."""
+    handler = signal.getsignal(signal.SIGINT)
+    yield
+    signal.signal(signal.SIGINT, handler)

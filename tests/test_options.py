@@ -20,9 +20,12 @@ import numpy as np
 import pytest
 import torch
 
+import figures
 import gradio_test as ui
+import metrics
 import train
-from checkpoint import load_cvae, safe_torch_load
+from checkpoint import safe_torch_load
+from model import load_cvae
 from classifier import JUDGE_PATH, features_and_predictions, fid, load_judge, sha256_of
 from dataset import load_split
 from model import CVAE, informative_dims
@@ -268,28 +271,24 @@ def other_judge(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def evaluated(rich_run, evaluation, other_judge, data_dir, tmp_path_factory) -> SimpleNamespace:
-    """test.main on the rich checkpoint with every flag set, from an empty working folder; every picture handed to
-    show_grid and every figure saved are kept, by file name."""
+    """test.main on the rich checkpoint with every flag set, from an empty working folder; every figure saved and the
+    pictures it shows are kept, by file name."""
     tmp = tmp_path_factory.mktemp("eval")
     work, out = tmp / "cwd", tmp / "out"
     work.mkdir()
-    grids, pending, figures = {}, [], {}
-    show_grid, save, load_test_set = evaluation.show_grid, evaluation.save, evaluation.load_test_set
+    grids, drawn = {}, {}
+    save, load_test_set = figures.save, evaluation.load_test_set
 
-    def spy_show_grid(ax, grid):
-        pending.append(np.array(grid))
-        return show_grid(ax, grid)
-
-    def spy_save(fig, out_dir, name):
-        grids[name], figures[name] = list(pending), fig
-        pending.clear()
-        return save(fig, out_dir, name)
+    def spy_save(fig, path):
+        # The pictures the figure shows, panel by panel: what show_grid drew.
+        grids[path.name] = [np.array(image.get_array()) for ax in fig.axes for image in ax.images]
+        drawn[path.name] = fig
+        return save(fig, path)
 
     threads = torch.get_num_threads()
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(work)
-        mp.setattr(evaluation, "show_grid", spy_show_grid)
-        mp.setattr(evaluation, "save", spy_save)
+        mp.setattr(figures, "save", spy_save)
         mp.setattr(evaluation, "load_test_set", lambda d: tuple(t[:TEST_IMAGES] for t in load_test_set(d)))
         torch.set_num_threads(EVAL_THREADS - 1)
         try:
@@ -303,7 +302,7 @@ def evaluated(rich_run, evaluation, other_judge, data_dir, tmp_path_factory) -> 
             torch.set_num_threads(threads)
     assert code == 0
     return SimpleNamespace(out=out, work=work, metrics=json.loads((out / "metrics.json").read_text()), grids=grids,
-                           figures=figures, threads=used_threads, model=load_cvae(rich_run.ckpt))
+                           figures=drawn, threads=used_threads, model=load_cvae(rich_run.ckpt))
 
 
 @pytest.fixture(scope="module")
@@ -316,7 +315,7 @@ def test_eval_writes_into_out_dir_only_and_sets_threads(evaluated, evaluation):
     """--out-dir, --data-dir and --run-dir ignored would read or write results/, data/ or runs/ in the working
     folder (and miss training_curves.png); --num-threads sets torch's thread count."""
     assert leftovers(evaluated.work) == []
-    assert sorted(p.name for p in evaluated.out.iterdir()) == sorted([*evaluation.FIGSIZES, "metrics.json"])
+    assert sorted(p.name for p in evaluated.out.iterdir()) == sorted([*figures.FIGSIZES, "metrics.json"])
     assert evaluated.threads == EVAL_THREADS
 
 
@@ -325,7 +324,9 @@ def test_metrics_name_the_checkpoint_seed_judge_and_model(evaluated, rich_run, o
     assert m["checkpoint"] == str(rich_run.ckpt)
     assert m["judge"] == {"weights": str(other_judge), "sha256": sha256_of(other_judge)}
     assert m["seed"] == EVAL_SEED and f"seed {EVAL_SEED}" in m["test"]["z"]
-    assert m["model"] == {"latent_dim": LATENT, "kl_weight": KL_WEIGHT, "fitted_prior": PRIOR}
+    assert m["model"] == {"latent_dim": LATENT, "kl_weight": KL_WEIGHT, "fitted_prior": PRIOR,
+                          "sampling_prior": f"one mixture of {COMPONENTS} Gaussians for all digits, fitted to the "
+                                            f"training codes"}
     assert m["prior_used"] == "fitted" and set(m["generation"]) == {"standard", "fitted"}
     assert m["classifier"]["features"].startswith("DigitCNN penultimate layer (128-d)")
 
@@ -360,15 +361,16 @@ def test_test_terms_use_the_seed_and_the_models_kl_weight(evaluated, test_images
 def test_iw_bound_uses_iw_samples(evaluated, evaluation, test_images):
     """--iw-samples is the k the bound is computed with, not only the number reported beside it."""
     lk = evaluated.metrics["likelihood"]
-    bound = evaluation.iw_bound(evaluated.model, *test_images, IW_K, EVAL_SEED).mean().item()
+    model, (images, labels) = evaluated.model, test_images
+    bound = metrics.iw_bound(model, images, labels, *model.posterior(images, labels), IW_K, EVAL_SEED).mean().item()
     assert lk["iw_samples"] == IW_K
     # The -ELBO is recon + KL whatever beta trained the model (here 0.5: the loss would be smaller).
     t = evaluated.metrics["test"]
     assert lk["neg_elbo_per_image"] == pytest.approx(t["recon_per_image"] + t["kl_per_image"], rel=1e-9)
-    assert lk["neg_elbo_nats_per_image"] == pytest.approx(lk["neg_elbo_per_image"] + evaluation.GAUSSIAN_CONSTANT)
+    assert lk["neg_elbo_nats_per_image"] == pytest.approx(lk["neg_elbo_per_image"] + metrics.GAUSSIAN_CONSTANT)
     assert lk["iw_bound_per_image"] == pytest.approx(bound, rel=1e-6)
-    assert lk["iw_bound_nats_per_image"] == pytest.approx(bound + evaluation.GAUSSIAN_CONSTANT, rel=1e-6)
-    assert f"{evaluation.GAUSSIAN_CONSTANT:.2f}" in lk["units"]
+    assert lk["iw_bound_nats_per_image"] == pytest.approx(bound + metrics.GAUSSIAN_CONSTANT, rel=1e-6)
+    assert f"{metrics.GAUSSIAN_CONSTANT:.2f}" in lk["units"]
 
 
 def test_generation_uses_the_judge_seed_and_samples_per_digit(evaluated, other_judge, test_images):
@@ -412,7 +414,8 @@ def test_samples_figure_shows_the_seeded_samples_of_each_digit(evaluated):
     labels = torch.arange(10).repeat_interleave(10)
     samples = evaluated.model.sample(labels, prior="fitted", generator=torch.Generator().manual_seed(EVAL_SEED))
     np.testing.assert_allclose(grid, tile(samples.reshape(10, 10, 28, 28)), atol=1e-6)
-    assert f"seed {EVAL_SEED}" in evaluated.figures["samples.png"]._suptitle.get_text()
+    title = evaluated.figures["samples.png"]._suptitle.get_text()
+    assert f"seed {EVAL_SEED}" in title and "z from one mixture of 2 Gaussians for all digits" in title
 
 
 def test_manifold_figure_has_manifold_steps_and_decodes_the_quantile_grid(evaluated, test_images):

@@ -24,7 +24,8 @@ import torch
 from torch.utils.data import DataLoader
 
 import train
-from checkpoint import AtomicCheckpointIO, CheckpointError, atomic_torch_save, load_cvae, safe_torch_load
+from checkpoint import AtomicCheckpointIO, CheckpointError, atomic_torch_save, safe_torch_load
+from model import load_cvae
 from cli import UsageError, check_output_file
 from dataset import RAW_FILES, raw_dir
 from model import CVAE
@@ -365,6 +366,7 @@ BAD_FLAGS = [
                                                                             reason="this host has MPS")),
     (["--devices", "abc"], "trainer"),
     (["--devices", "0"], "trainer"),
+    (["--accelerator", "cpu", "--devices", "64"], "would start 64 processes"),
     (["--strategy", "foo"], "strategy"),
     (["--precision", "99"], "recision"),
     (["--no-such-flag"], "unrecognized"),
@@ -522,7 +524,8 @@ def assert_resumed_where_it_stopped(log: str, run_dir: Path, done: int, referenc
     versions = sorted(run_dir.glob("logs/version_*"))
     assert len(versions) == 2
     assert all(epochs == set(range(done, EPOCHS)) for epochs in logged_epochs(versions[1]).values())
-    read_training_log = script_module("test.py").read_training_log
+    from metrics import read_training_log
+
     curves, reference = read_training_log(run_dir), read_training_log(reference_run)
     assert all(sorted(curve) == list(range(EPOCHS)) for curve in reference.values()) and curves == reference
 
@@ -584,6 +587,7 @@ def test_ctrl_c_saves_says_how_to_resume_and_resume_finishes(tmp_path, data_dir,
     assert "Traceback" not in log
     hint = log.split("Continue with: python train.py ")[-1].splitlines()[0]
     assert f"--run-dir {run_dir}" in hint and "--train-size 1000" in hint and hint.endswith("--resume"), log
+    assert f"Interrupted: the last finished epoch is saved in {train.last_checkpoint(run_dir)}. Continue with" in log
     saved = safe_torch_load(train.last_checkpoint(run_dir))
     assert saved["epoch"] == 0 and not ckpt.exists()
     assert_logs_hold_saved_epochs(run_dir, saved["epoch"])
@@ -593,14 +597,6 @@ def test_ctrl_c_saves_says_how_to_resume_and_resume_finishes(tmp_path, data_dir,
     assert_resumed_where_it_stopped((tmp_path / "interrupted.log").read_text(), run_dir, 1,
                                     reference.with_name("reference-run"))
     assert_same_run(ckpt, reference)
-
-
-@pytest.fixture
-def restore_sigint():
-    """Lightning ignores SIGINT from the first Ctrl-C on; give pytest its handler back."""
-    handler = signal.getsignal(signal.SIGINT)
-    yield
-    signal.signal(signal.SIGINT, handler)
 
 
 @pytest.mark.parametrize("where", ["test", "prior"])
@@ -630,6 +626,26 @@ def test_ctrl_c_after_training_says_how_to_finish(where, tmp_path, data_dir, uni
     assert code == 0, err
     assert_same_run(ckpt, reference)
     assert load_cvae(ckpt).fitted_prior is not None
+
+
+def test_a_run_saved_before_a_hyper_parameter_existed_resumes_with_its_default(tmp_path, data_dir, uninterrupted,
+                                                                               capsys):
+    """A last.ckpt without free_bits (a hyper-parameter added later): it had the default then, so a resume with the
+    default is the same run and goes on; asking for another value is refused."""
+    reference = uninterrupted()
+    run_dir = tmp_path / "run"
+    saved = safe_torch_load(train.last_checkpoint(reference.with_name("reference-run")))
+    del saved["hyper_parameters"]["free_bits"]
+    train.last_checkpoint(run_dir).parent.mkdir(parents=True)
+    torch.save(saved, train.last_checkpoint(run_dir))
+    resume = ["--resume", "--epochs", str(EPOCHS + 1), "--run-dir", str(run_dir), "--ckpt", str(tmp_path / "b.ckpt"),
+              "--data-dir", str(data_dir), *TINY]
+    code, err = run_main(train, [*resume, "--free-bits", "0.5"], capsys)
+    assert code == 1
+    one_line_error(err, "cannot resume", "free_bits 0.0 in the checkpoint, 0.5 now")
+    code, err = run_main(train, resume, capsys)
+    assert code == 0, err
+    assert safe_torch_load(tmp_path / "b.ckpt")["epoch"] == EPOCHS + 1
 
 
 def test_resume_with_other_model_settings_is_refused(tmp_path, data_dir, uninterrupted, capsys):

@@ -8,7 +8,8 @@ import sys
 
 import torch
 
-from checkpoint import load_cvae, safe_torch_load
+from checkpoint import safe_torch_load
+from model import load_cvae
 from conftest import ROOT
 
 FLAGS = ["--epochs", "1", "--limit-train-batches", "4", "--limit-val-batches", "3", "--no-progress",

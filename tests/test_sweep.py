@@ -32,10 +32,10 @@ def train_line(out: Path, data: Path, beta: str, latent: int, epochs: int, seed:
 def result_row(beta: float, latent: int, epochs: int, seed: int, ckpt: Path | str = "none.ckpt", **numbers) -> dict:
     """A CSV row as sweep.py writes it, with made-up numbers (overridden by `numbers`)."""
     row = {"name": sweep.Run(sweep.Cell(beta, latent, epochs), seed).name, "kl_weight": beta, "latent_dim": latent,
-           "epochs": epochs, "seed": seed, "train_s": 60.0, "kl": 3.0, "kl_dims": "1.5 1.5", "active_units": latent,
-           "recon": 27.0, "mse": 0.03, "neg_elbo": 30.0, "iw_bound": 29.5, "class_accuracy": 0.9, "prior": "fitted",
-           "accuracy": 0.99, "fid": 70.0, "recon_fid": 69.0, "standard_accuracy": 0.98, "standard_fid": 75.0,
-           "ckpt": str(ckpt), "train_args": ""}
+           "epochs": epochs, "seed": seed, "train_s": 60.0, "recon": 27.0, "kl": 3.0, "mse": 0.03,
+           "active_units": latent, "kl_dims": "1.5 1.5", "neg_elbo": 30.0, "iw_bound": 29.5, "class_accuracy": 0.9,
+           "prior": "fitted", "accuracy": 0.99, "fid": 70.0, "recon_fid": 69.0, "fid_gap": 70 / 69 - 1,
+           "standard_accuracy": 0.98, "standard_fid": 75.0, "ckpt": str(ckpt), "train_args": ""}
     row.update(numbers)
     assert list(row) == list(sweep.FIELDS)
     return row
@@ -84,7 +84,7 @@ def test_a_sweep_skips_the_runs_in_its_csv_and_retries_the_failed_ones(tmp_path,
     out = tmp_path / "sweep"
     calls, fails_once = [], {"beta1-z2-e40-seed1"}
 
-    def fake_run_one(run, args, judge):
+    def fake_run_one(run, args, judge, test_set):
         calls.append(run.name)
         if run.name in fails_once:
             fails_once.remove(run.name)
@@ -94,6 +94,7 @@ def test_a_sweep_skips_the_runs_in_its_csv_and_retries_the_failed_ones(tmp_path,
 
     monkeypatch.setattr(sweep, "run_one", fake_run_one)
     monkeypatch.setattr(sweep, "load_judge", lambda: (None, ""))
+    monkeypatch.setattr(sweep, "load_test_set", lambda data_dir: None)
     argv = ["--grid", "epochs", "--out-dir", str(out), "--data-dir", str(tmp_path), "--jobs", "2"]
     assert sweep.main([*argv, "--seeds", "0"]) == 0
     assert sorted(calls) == ["beta1-z2-e10-seed0", "beta1-z2-e20-seed0", "beta1-z2-e40-seed0"]
@@ -141,13 +142,13 @@ def test_the_report_writes_the_table_and_three_figures(handmade, monkeypatch):
     csv_path, rows = handmade
     out = csv_path.parent
     figures = {}
-    real_save = sweep.save
+    real_save = sweep.figures.save
 
     def keep(fig, path):
         figures[path.name] = fig
         return real_save(fig, path)
 
-    monkeypatch.setattr(sweep, "save", keep)
+    monkeypatch.setattr(sweep.figures, "save", keep)
     written = sweep.write_report(csv_path, out)
     assert [p.name for p in written] == ["sweep.md", "rate_distortion.png", "beta_metrics.png", "beta_samples.png"]
     for path in written[1:]:
@@ -158,16 +159,21 @@ def test_the_report_writes_the_table_and_three_figures(handmade, monkeypatch):
     medians, *per_cell = (out / "sweep.md").read_text().split("\n\n")
     lines = medians.splitlines()
     assert len(lines) == 2 + 5
-    assert lines[2].startswith("| 0.5 | 2 | 10 | 3 | 2.00 (1.00–5.00) | 30.10 (30.00–30.20) |")  # not the mean
+    assert lines[0].startswith("| β | z | epochs | seeds | distortion | KL (rate) | active units | −ELBO | IW bound "
+                               "| as a classifier (%) | cond. acc. (%) | sample FID | train.py (s) |")
+    assert lines[2].startswith("| 0.5 | 2 | 10 | 3 | 30.10 (30.00–30.20) | 2.00 (1.00–5.00) |")  # not the mean
     assert "| 71.0 (70.0–74.0) |" in lines[3] and "| 2 (1–2) |" in lines[3]  # beta 1: FID, active units
-    assert lines[5].startswith("| 1 | 4 | 10 | 1 | 5.00 (5.00–5.00) | 25.00 (25.00–25.00) |")
+    assert lines[5].startswith("| 1 | 4 | 10 | 1 | 25.00 (25.00–25.00) | 5.00 (5.00–5.00) |")
     assert lines[6].startswith("| 1 | 2 | 20 | 1 |") and lines[6].endswith("| – |")  # no train time measured
     # Then every run, cell by cell, a row per seed as bench/seeds.py prints it.
     assert per_cell[0] == "β 0.5, z size 2, 10 epochs:" and per_cell[8] == "β 1, z size 2, 20 epochs:"
     beta_half = per_cell[1].splitlines()
     assert len(beta_half) == 2 + 3 and [row.split(" | ")[0] for row in beta_half[2:]] == ["| 0", "| 1", "| 2"]
-    assert beta_half[3].startswith("| 1 | 60.0 | 2.00 | 1.50, 1.50 | 2 | 0.0300 | 30.00 | 31.00 | 50.0% | fitted "
-                                   "| 91.00% | 61.0 | 69.0 |")  # seed 1's numbers
+    assert beta_half[0] == ("| seed | train.py (s) | distortion | KL (rate) | MSE/pixel | active units | KL per dim "
+                            "| −ELBO | IW bound | as a classifier | prior | cond. acc. | sample FID | recon FID "
+                            "| FID gap | N(0,I) acc. | N(0,I) FID |")
+    assert beta_half[3].startswith("| 1 | 60.0 | 30.10 | 2.00 | 0.0300 | 2 | 1.50, 1.50 | 30.00 | 31.00 | 50.0% "
+                                   "| fitted | 91.00% | 61.0 | 69.0 | +1.4% |")  # seed 1's numbers
 
     # Rate against distortion: every run a point, and dashed lines of equal distortion + rate.
     ax = figures["rate_distortion.png"].axes[0]
@@ -219,3 +225,27 @@ def test_betas_picks_cells_for_the_commands_and_the_report(handmade, capsys):
     assert sweep.main(["--report-only", "--betas", "2", "--out-dir", str(out)]) == 0
     lines = median_lines(out)
     assert [line.split(" | ")[:4] for line in lines[2:]] == [["| 2", "2", "10", "3"]]
+
+
+def test_a_csv_from_before_a_column_existed_still_reads_and_grows_without_shifting(tmp_path):
+    """A results.csv written before "fid_gap" existed: its rows read that number as missing, a new row adds the
+    column at the end (the old rows empty there, every other cell under its own header), and the report still
+    writes."""
+    path = tmp_path / "results.csv"
+    old = result_row(1.0, 2, 10, 0, fid=70.0)
+    old_fields = [name for name in sweep.FIELDS if name != "fid_gap"]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=old_fields, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerow(old)
+    (before,) = sweep.read_results(path)
+    assert np.isnan(before["fid_gap"]) and before["fid"] == 70.0 and before["kl_dims"] == [1.5, 1.5]
+
+    sweep.append_row(path, {**result_row(1.0, 2, 10, 1, fid=80.0, fid_gap=0.25), "kl_dims": [1.25, 2.0]})
+    assert path.read_text().splitlines()[0].split(",") == [*old_fields, "fid_gap"]
+    first, second = sweep.read_results(path)
+    assert {k: v for k, v in first.items() if k != "fid_gap"} == {k: v for k, v in before.items() if k != "fid_gap"}
+    assert np.isnan(first["fid_gap"])
+    assert (second["seed"], second["fid"], second["fid_gap"], second["kl_dims"]) == (1, 80.0, 0.25, [1.25, 2.0])
+    assert sweep.write_table([first, second], tmp_path / "sweep.md").is_file()
+    assert "| 0 | 60.0 |" in (tmp_path / "sweep.md").read_text()  # the old row, its missing gap shown as "–"
