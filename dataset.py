@@ -161,6 +161,33 @@ def to_float_images(images: torch.Tensor) -> torch.Tensor:
     return images.float().div_(255).unsqueeze(1)
 
 
+BINARIZE_SEED = 0
+
+
+def binarize(images: torch.Tensor, seed: int = BINARIZE_SEED) -> torch.Tensor:
+    """The fixed binarization: every pixel becomes ink (1, or 255 for uint8 pixels) with probability its grey level,
+    drawn over the whole tensor in order from a generator seeded with `seed`. Takes and returns uint8 pixels (N, 28,
+    28) or float images in [0, 1] (any shape with N first); the same images give the same draw either way.
+
+    What a Bernoulli model (model.LIKELIHOODS) sees and is scored on, everywhere (Burda et al. 2016's dynamic
+    binarization of the real MNIST; the papers' "binary MNIST" is one static draw that cannot be fetched here):
+    - training batches: a fresh draw each time a batch is served (TensorPairDataset with binarize=True), from the
+      global RNG, which --seed sets and --resume restores (train.RNGState), so a resumed run draws what an
+      uninterrupted one would;
+    - everything else: this fixed draw of a whole split: the validation and test splits (MNISTDataModule), the
+      training split for the prior fit (MNISTDataModule.fixed_pixels), test.py's metrics (the same draw of the test
+      set as train.py's test pass) and the UI's uploads.
+    The FID reference stays the grey test set: samples and reconstructions are pixel probabilities, grey images.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    ink = images.float() / 255 if images.dtype == torch.uint8 else images  # the probability of ink
+    flat = ink.reshape(len(ink), -1)
+    drawn = torch.cat([torch.rand(chunk.shape, generator=generator, device="cpu").to(chunk.device) < chunk
+                       for chunk in flat.split(10_000)])  # 10k images of noise at a time: 31 MB
+    drawn = drawn.reshape(images.shape)
+    return drawn.to(torch.uint8) * 255 if images.dtype == torch.uint8 else drawn.to(images.dtype)
+
+
 def load_test_set(data_dir: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
     """The verified MNIST test set as the model sees it: images float (10000, 1, 28, 28) in [0, 1], labels int64."""
     images, labels = load_split(data_dir, train=False)
@@ -173,17 +200,19 @@ class TensorPairDataset(Dataset):
     one __getitem__ + collate per image. The pixels stay uint8 (a quarter of the memory of float32, 43 MB for the
     training set instead of 172 MB) and each batch is scaled to [0, 1] floats by to_float_images as it is taken."""
 
-    def __init__(self, pixels: torch.Tensor, labels: torch.Tensor):
+    def __init__(self, pixels: torch.Tensor, labels: torch.Tensor, binarize: bool = False):
         if pixels.dtype != torch.uint8:
             raise TypeError(f"pixels must be uint8 (0..255), got {pixels.dtype}")
-        self.pixels, self.labels = pixels, labels
+        self.pixels, self.labels, self.binarize = pixels, labels, binarize
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> (images (B, 1, 28, 28) float32 in [0, 1], labels (B,) int64)."""
-        return to_float_images(self.pixels[index]), self.labels[index]
+        """-> (images (B, 1, 28, 28) float32 in [0, 1], labels (B,) int64); with binarize, images of 0s and 1s drawn
+        afresh from the global RNG at every call (see binarize)."""
+        images = to_float_images(self.pixels[index])
+        return torch.bernoulli(images) if self.binarize else images, self.labels[index]
 
 
 class BatchIndexSampler(Sampler):
@@ -220,17 +249,20 @@ class MNISTDataModule(pl.LightningDataModule):
     Batches are float32 images in [0, 1] (uint8 / 255, as torchvision's ToTensor), shape (B, 1, 28, 28), and int64
     labels; `splits[name]` keeps the uint8 pixels (see TensorPairDataset).
     `train_size` keeps only the first N training images after the split (for quick experiments and tests).
+    `binarize` serves them as a Bernoulli model sees them (see binarize): training batches drawn afresh, the
+    validation and test splits held as their fixed binarization.
     """
 
     def __init__(self, data_dir: str | Path = DEFAULT_DATA_DIR, batch_size: int = 100, val_size: int = 5_000,
-                 seed: int = 0, train_size: int | None = None, device: str | torch.device | None = None):
+                 seed: int = 0, train_size: int | None = None, device: str | torch.device | None = None,
+                 binarize: bool = False):
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if not 0 < val_size < TRAIN_SIZE:
             raise ValueError(f"val_size must be in 1..{TRAIN_SIZE - 1}, got {val_size}")
         self.data_dir, self.batch_size, self.val_size, self.seed = Path(data_dir), batch_size, val_size, seed
-        self.train_size, self.device = train_size, device
+        self.train_size, self.device, self.binarize = train_size, device, binarize
         self.splits: dict[str, TensorPairDataset] = {}
 
     def prepare_data(self) -> None:
@@ -249,9 +281,18 @@ class MNISTDataModule(pl.LightningDataModule):
         test_images, test_labels = load_split(self.data_dir, train=False)
         for name, x, y in (("train", images[train_idx], labels[train_idx]), ("val", images[val_idx], labels[val_idx]),
                            ("test", test_images, test_labels)):
+            if self.binarize and name != "train":
+                x = binarize(x)
             # On CUDA the whole set lives on the device, so a batch is a gather in GPU memory.
             self.splits[name] = TensorPairDataset(x.to(self.device) if self.device else x,
-                                                  y.to(self.device) if self.device else y)
+                                                  y.to(self.device) if self.device else y,
+                                                  binarize=self.binarize and name == "train")
+
+    def fixed_pixels(self, split: str) -> torch.Tensor:
+        """A split's uint8 pixels as the model sees them outside training batches: grey, or with `binarize` their
+        fixed binarization (the validation and test splits hold theirs already)."""
+        dataset = self.splits[split]
+        return binarize(dataset.pixels) if dataset.binarize else dataset.pixels
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         trainer = self.trainer

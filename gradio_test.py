@@ -308,8 +308,9 @@ class Explorer:
         return self.transfer(Image.fromarray(np.asarray(composite, dtype=np.uint8)), digit)
 
     def transfer(self, image: Image.Image, digit: int) -> tuple[np.ndarray, float, float]:
-        """Encode the picture as `digit` (posterior mean) and return (style row, z0, z1) at its slider position."""
-        x = torch.from_numpy(to_mnist(image)).reshape(1, -1)
+        """Encode the picture as `digit` (posterior mean) and return (style row, z0, z1) at its slider position. A
+        Bernoulli model encodes the picture's fixed binarization, as it sees every image outside training."""
+        x = self.model.observe(torch.from_numpy(to_mnist(image)).reshape(1, -1))
         with torch.inference_mode():
             mean, _ = self.model.encode(x.to(self.model.device), torch.tensor([digit]))
         mean = mean[0].cpu()
@@ -348,7 +349,8 @@ def slider_dims(model, data_dir: Path) -> tuple[int, ...] | None:
     if model.hparams.latent_dim <= 2:
         return None
     prepare_mnist(data_dir)
-    return informative_dims(model.posterior_means(*load_test_set(data_dir)))
+    images, labels = load_test_set(data_dir)
+    return informative_dims(model.posterior_means(model.observe(images), labels))
 
 
 @dataclass

@@ -11,10 +11,12 @@ report; an entry with a `key` is also a column of bench/seeds.py's rows and benc
 (`summary`).
 
 The judge of generated digits (classifier.py) gives conditional accuracy (the share of samples it reads as the
-requested digit) and FID (samples against the test images in its penultimate-layer features). Besides the ELBO there
-is an importance-weighted bound on log p(x | y), the accuracy of the CVAE itself as a classifier (argmax_y log p(x | y))
-and the number of active latent dimensions. All of it runs in eval mode (no dropout), with noise from generators
-seeded by `seed`, so the numbers repeat.
+requested digit) and FID (samples against the grey test images in its penultimate-layer features). Besides the ELBO
+there is an importance-weighted bound on log p(x | y), the marginal log p(x) = log sum_y p(y) p(x | y), the accuracy
+of the CVAE itself as a classifier (argmax_y log p(x | y)) and the number of active latent dimensions; the
+likelihoods are in the training loss's units and in nats. All of it runs in eval mode (no dropout), with noise from
+generators seeded by `seed`, so the numbers repeat. A Bernoulli model is scored on the fixed binarization of the test
+set (dataset.binarize), everything else on the grey images.
 """
 from __future__ import annotations
 
@@ -30,10 +32,10 @@ from torch.distributions import Normal
 from classifier import DigitCNN, features_and_predictions, fid
 from dataset import IMAGE_SIZE
 from model import (CVAE, activity, elbo_loss, gaussian_nll_constant, informative_dims, kl_per_dim, latent_name,
-                   metric_names, squared_error)
+                   metric_names, nll_constant, reconstruction_nll, squared_error)
 from torch_utils import eval_mode
 
-GAUSSIAN_CONSTANT = gaussian_nll_constant(IMAGE_SIZE ** 2)  # loss units + this = nats (392 ln(pi) per image)
+GAUSSIAN_CONSTANT = gaussian_nll_constant(IMAGE_SIZE ** 2)  # Gaussian loss units + this = nats (392 ln(pi) per image)
 IW_SAMPLES = 100  # samples of z per image for the likelihood bound: tight, and seconds on a CPU (bench/README.md)
 # The generative classifier's defaults (test images per digit, each bounded under all ten labels with this many
 # samples): less than half the likelihood bound's work, so `python test.py` stays about a minute (bench/README.md).
@@ -65,9 +67,10 @@ class Samples:
 class Outputs:
     """The model's and the judge's outputs for one evaluation, handed to every metric and figure that needs them."""
 
-    images: torch.Tensor           # (N, 1, 28, 28) test images in [0, 1]
+    images: torch.Tensor           # (N, 1, 28, 28) test images in [0, 1], grey
+    observed: torch.Tensor         # the same as the model sees and scores them: grey, or binarized (Bernoulli)
     labels: torch.Tensor           # (N,)
-    means: torch.Tensor            # (N, latent_dim) means of q(z | x, y)
+    means: torch.Tensor            # (N, latent_dim) means of q(z | x, y), x the observed images
     logvars: torch.Tensor          # (N, latent_dim) their log-variances
     reconstructions: torch.Tensor  # (N, 1, 28, 28) each posterior mean decoded under its own label
     test: Judged                   # the judge on the test images
@@ -107,43 +110,48 @@ def model_priors(model: CVAE) -> tuple[str, ...]:
 
 def model_outputs(model: CVAE, judge: DigitCNN, images: torch.Tensor, labels: torch.Tensor,
                   samples_per_digit: int = 1_000, seed: int = 0) -> Outputs:
-    """Run the model and the judge once over the test set (images (N, 1, 28, 28) in [0, 1], labels) and over
-    `samples_per_digit` samples of every digit from each prior, drawn from `seed`."""
-    means, logvars = model.posterior(images, labels)
+    """Run the model and the judge once over the test set (grey images (N, 1, 28, 28) in [0, 1], labels) and over
+    `samples_per_digit` samples of every digit from each prior, drawn from `seed`. A Bernoulli model sees the fixed
+    binarization of the images (dataset.binarize); the judge sees grey images, samples and reconstructions (pixel
+    probabilities, for a Bernoulli model)."""
+    observed = model.observe(images)
+    means, logvars = model.posterior(observed, labels)
     reconstructions = decode_all(model, means, labels)
     samples = {}
     for prior in model_priors(model):
         generated, wanted = generate(model, prior, samples_per_digit, seed)
         samples[prior] = Samples(generated, wanted, judge_images(judge, generated))
-    return Outputs(images, labels, means, logvars, reconstructions, judge_images(judge, images),
+    return Outputs(images, observed, labels, means, logvars, reconstructions, judge_images(judge, images),
                    judge_images(judge, reconstructions), samples)
 
 
 # ----- the numbers --------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def elbo_terms(model: CVAE, outputs: Outputs, seed: int = 0, batch_size: int = 1_000) -> dict[str, Any]:
-    """The training objective (model.elbo_loss) on the test images, per image.
+    """The training objective (model.elbo_loss) on the test images, per image, and the squared error of the decoded
+    images against the grey test images.
 
     z is one draw from q(z | x, y) per image, z = mean + exp(logvar / 2) * eps, in eval mode (no dropout), as
     train.py's test step computes it; eps (N, latent_dim) is drawn at once, in test-set order, from a generator
     seeded with `seed`, so the numbers repeat exactly.
     """
     dev, beta, latent_dim = model.device, model.hparams.kl_weight, model.hparams.latent_dim
-    images, labels, means, logvars = outputs.images, outputs.labels, outputs.means, outputs.logvars
-    eps = torch.randn(len(images), latent_dim, generator=torch.Generator().manual_seed(seed))
-    recon_sum = kl_sum = 0.0
+    likelihood = model.hparams.likelihood
+    eps = torch.randn(len(outputs.images), latent_dim, generator=torch.Generator().manual_seed(seed))
+    recon_sum = kl_sum = squared_sum = 0.0
     with eval_mode(model):
-        for i in range(0, len(images), batch_size):
-            x = images[i:i + batch_size].to(dev).flatten(1)
-            y = labels[i:i + batch_size].to(dev)
-            mean, logvar = means[i:i + batch_size].to(dev), logvars[i:i + batch_size].to(dev)
-            z = model.reparameterize(mean, logvar, eps[i:i + batch_size].to(dev))
-            _, recon, kl = elbo_loss(model.decode(z, y), x, mean, logvar, beta)  # batch means
+        for i in range(0, len(outputs.images), batch_size):
+            batch = slice(i, i + batch_size)
+            x, y = outputs.observed[batch].to(dev).flatten(1), outputs.labels[batch].to(dev)
+            mean, logvar = outputs.means[batch].to(dev), outputs.logvars[batch].to(dev)
+            decoded = model.decode(model.reparameterize(mean, logvar, eps[batch].to(dev)), y)
+            _, recon, kl = elbo_loss(decoded, x, mean, logvar, beta, likelihood=likelihood)  # batch means
             recon_sum += recon.item() * len(x)
             kl_sum += kl.item() * len(x)
-    n, pixels = len(images), images[0].numel()
+            squared_sum += squared_error(decoded, outputs.images[batch].to(dev)).sum().item()
+    n, pixels = len(outputs.images), outputs.images[0].numel()
     recon, kl = recon_sum / n, kl_sum / n
-    recon_at_mean = squared_error(outputs.reconstructions.flatten(1), images).double().mean().item()
+    squared_at_mean = squared_error(outputs.reconstructions.flatten(1), outputs.images).double().mean().item()
     return {
         "images": n,
         "z": f"one draw z = mean + sigma * eps per image, eps ~ N(0, I) from seed {seed}, eval mode",
@@ -151,9 +159,9 @@ def elbo_terms(model: CVAE, outputs: Outputs, seed: int = 0, batch_size: int = 1
         "kl_per_image": kl,
         "kl_weight": beta,
         "loss_per_image": recon + beta * kl,
-        "mse_per_pixel": recon / pixels,
-        "mse_per_pixel_posterior_mean": recon_at_mean / pixels,
-        "kl_per_dim": kl_per_dim(means, logvars).double().mean(dim=0).tolist(),
+        "mse_per_pixel": squared_sum / n / pixels,  # against the grey image; a Gaussian model's recon / pixels
+        "mse_per_pixel_posterior_mean": squared_at_mean / pixels,
+        "kl_per_dim": kl_per_dim(outputs.means, outputs.logvars).double().mean(dim=0).tolist(),
     }
 
 
@@ -164,12 +172,13 @@ def iw_bound(model: CVAE, images: torch.Tensor, labels: torch.Tensor, means: tor
 
         log p(x | y) >= log (1/S) sum_s p(x | z_s, y) p(z_s) / q(z_s | x, y),   z_s ~ q(z | x, y), S = iw_samples,
 
-    with q(z | x, y) = N(means, exp(logvars)) (model.posterior of these images under these labels). Returned as a
-    loss, the negative bound in the training loss's units: -log p(x | z, y) is taken as the summed squared error, so
-    add GAUSSIAN_CONSTANT for nats. One sample is a one-draw ELBO; the bound tightens as the samples grow. Noise comes
-    from a generator seeded with `seed`, in the images' order, so the numbers repeat. Returns (N,) on the CPU.
+    for images as the model sees them, with q(z | x, y) = N(means, exp(logvars)) (model.posterior of these images
+    under these labels). Returned as a loss, the negative bound in the training loss's units (model.reconstruction_nll
+    as -log p(x | z, y); add model.nll_constant for nats). One sample is a one-draw ELBO; the bound tightens as the
+    samples grow. Noise comes from a generator seeded with `seed`, in the images' order, so the numbers repeat, and the
+    same images get the same noise whatever their labels. Returns (N,) on the CPU.
     """
-    dev, d = model.device, model.hparams.latent_dim
+    dev, d, likelihood = model.device, model.hparams.latent_dim, model.hparams.likelihood
     gen = torch.Generator().manual_seed(seed)
     out = []
     with eval_mode(model):
@@ -180,7 +189,7 @@ def iw_bound(model: CVAE, images: torch.Tensor, labels: torch.Tensor, means: tor
             eps = torch.randn(iw_samples, len(x), d, generator=gen).to(dev)
             z = model.reparameterize(mean, logvar, eps)  # (S, B, d)
             recon = model.decode(z.reshape(-1, d), y.repeat(iw_samples))
-            log_px = -squared_error(recon, x.repeat(iw_samples, 1)).reshape(iw_samples, len(x))
+            log_px = -reconstruction_nll(recon, x.repeat(iw_samples, 1), likelihood).reshape(iw_samples, len(x))
             log_pz = Normal(0.0, 1.0).log_prob(z).sum(-1)
             log_qz = Normal(mean, torch.exp(0.5 * logvar)).log_prob(z).sum(-1)
             log_w = log_px + log_pz - log_qz  # (S, B) log importance weights
@@ -188,20 +197,49 @@ def iw_bound(model: CVAE, images: torch.Tensor, labels: torch.Tensor, means: tor
     return torch.cat(out)
 
 
-def likelihood_metrics(model: CVAE, outputs: Outputs, terms: dict[str, Any], iw_samples: int, seed: int
-                       ) -> dict[str, Any]:
-    """The negative ELBO (from elbo_terms' `terms`) and the importance-weighted bound (iw_bound), per image, in loss
-    units and in nats."""
+def log_likelihood_per_label(model: CVAE, images: torch.Tensor, iw_samples: int, seed: int = 0) -> torch.Tensor:
+    """log p(x | y) of every image (as the model sees it) under every label y, each the importance-weighted bound
+    (iw_bound, negated) with `iw_samples` samples from q(z | x, y) for that label, the same noise for every label:
+    (N, num_classes), loss units."""
+    columns = []
+    for label in range(model.hparams.num_classes):
+        labels = torch.full((len(images),), label)
+        columns.append(-iw_bound(model, images, labels, *model.posterior(images, labels), iw_samples, seed))
+    return torch.stack(columns, dim=1)
+
+
+def marginal_nll(log_p: torch.Tensor) -> torch.Tensor:
+    """-log p(x) = -log sum_y p(y) p(x | y) with a uniform p(y), per image, from log p(x | y) (N, num_classes)."""
+    return -(torch.logsumexp(log_p.double(), dim=1) - math.log(log_p.shape[1]))
+
+
+def likelihood_metrics(model: CVAE, outputs: Outputs, terms: dict[str, Any], iw_samples: int, seed: int,
+                       per_label: torch.Tensor, per_label_samples: int) -> dict[str, Any]:
+    """The negative ELBO (from elbo_terms' `terms`) and the importance-weighted bound on -log p(x | y) (iw_bound),
+    per test image, and the marginal -log p(x) of the images whose log p(x | y) under every label is `per_label`
+    (log_likelihood_per_label, with `per_label_samples` samples), in loss units and in nats."""
+    likelihood, pixels = model.hparams.likelihood, outputs.images[0].numel()
+    constant = nll_constant(likelihood, pixels)
+    units = {"gaussian": f"loss units: the summed squared error as -log p(x | z, y); nats: plus 392 ln(pi) = "
+                         f"{constant:.2f} (a Gaussian decoder with variance 1/2, a density on the grey images)",
+             "bernoulli": "nats: the summed binary cross-entropy is -log p(x | z, y) of the binarized test images "
+                          "(dataset.binarize, seed 0); loss units are nats"}[likelihood]
     neg_elbo = terms["recon_per_image"] + terms["kl_per_image"]  # the ELBO itself, whatever kl_weight trained it
-    iw = iw_bound(model, outputs.images, outputs.labels, outputs.means, outputs.logvars, iw_samples, seed)
+    iw = iw_bound(model, outputs.observed, outputs.labels, outputs.means, outputs.logvars, iw_samples, seed)
+    marginal = marginal_nll(per_label).mean().item() + constant
     return {
-        "units": f"loss units: -log p(x | y) with the summed squared error as -log p(x | z, y); "
-                 f"nats: plus 392 ln(pi) = {GAUSSIAN_CONSTANT:.2f} (a Gaussian decoder with variance 1/2)",
+        "units": units,
         "neg_elbo_per_image": neg_elbo,
         "iw_samples": iw_samples,
         "iw_bound_per_image": iw.mean().item(),
-        "neg_elbo_nats_per_image": neg_elbo + GAUSSIAN_CONSTANT,
-        "iw_bound_nats_per_image": iw.mean().item() + GAUSSIAN_CONSTANT,
+        "neg_elbo_nats_per_image": neg_elbo + constant,
+        "iw_bound_nats_per_image": iw.mean().item() + constant,
+        "marginal_nll_nats": marginal,
+        "marginal_iw_samples": per_label_samples,
+        "marginal_images": len(per_label),
+        "marginal": "-log p(x) = -log sum_y p(y) p(x | y), uniform p(y), each p(x | y) importance-weighted with "
+                    "marginal_iw_samples samples of z from q(z | x, y), on the generative classifier's "
+                    "class-balanced test images",
     }
 
 
@@ -216,32 +254,19 @@ def balanced_subset(labels: torch.Tensor, per_class: int, num_classes: int, seed
     return torch.cat(picks)
 
 
-def log_likelihood_per_label(model: CVAE, images: torch.Tensor, iw_samples: int, seed: int = 0) -> torch.Tensor:
-    """log p(x | y) of every image under every label y, each the importance-weighted bound (iw_bound, negated) with
-    `iw_samples` samples from q(z | x, y) for that label: (N, num_classes), loss units."""
-    num_classes = model.hparams.num_classes
-    pairs = images.repeat_interleave(num_classes, dim=0)  # image-major: image i under labels 0..num_classes-1
-    labels = torch.arange(num_classes).repeat(len(images))
-    means, logvars = model.posterior(pairs, labels)
-    return -iw_bound(model, pairs, labels, means, logvars, iw_samples, seed).reshape(len(images), num_classes)
-
-
-def generative_classification(model: CVAE, images: torch.Tensor, labels: torch.Tensor, per_digit: int,
-                              iw_samples: int, seed: int = 0) -> dict[str, Any]:
-    """The CVAE as a Bayes classifier with a uniform p(y): y_hat = argmax over y of log p(x | y), on a class-balanced
-    subset of `per_digit` images of each digit (balanced_subset). A decoder that ignores y gives every label the same
-    likelihood and scores chance (10 %); the accuracy says how much the decoder relies on the label."""
-    num_classes = model.hparams.num_classes
-    idx = balanced_subset(labels, per_digit, num_classes, seed)
-    wanted = labels[idx]
-    hits = (log_likelihood_per_label(model, images[idx], iw_samples, seed).argmax(dim=1) == wanted).double()
+def generative_classification(per_label: torch.Tensor, wanted: torch.Tensor, iw_samples: int) -> dict[str, Any]:
+    """The CVAE as a Bayes classifier with a uniform p(y): y_hat = argmax over y of log p(x | y), from log p(x | y)
+    under every label (per_label, log_likelihood_per_label with `iw_samples` samples) of images whose labels are
+    `wanted`. A decoder that ignores y gives every label the same likelihood and scores chance (10 %); the accuracy
+    says how much the decoder relies on the label."""
+    hits = (per_label.argmax(dim=1) == wanted).double()
     return {
         "rule": "argmax over y of log p(x | y), uniform p(y); log p(x | y) is the importance-weighted bound with "
-                "iw_samples samples from q(z | x, y) for that label",
-        "images": len(idx),
+                "iw_samples samples from q(z | x, y) for that label, the same noise for every label",
+        "images": len(wanted),
         "iw_samples": iw_samples,
         "accuracy": hits.mean().item(),
-        "per_digit": [hits[wanted == c].mean().item() for c in range(num_classes)],
+        "per_digit": [hits[wanted == c].mean().item() for c in range(per_label.shape[1])],
     }
 
 
@@ -283,21 +308,26 @@ def evaluate(model: CVAE, outputs: Outputs, seed: int = 0, iw_samples: int = IW_
     """Every number test.py reports, for one model and its `outputs` (model_outputs), as a JSON-ready dict: "test"
     (elbo_terms), "latent" (latent_metrics), "likelihood" (likelihood_metrics), "generative_classification",
     "generation" (generation_metrics, per prior), "reconstruction_fid" (the reconstructions against the test images,
-    a floor for the sample FID) and "prior_used" (the prior samples.png and the headline numbers use)."""
+    a floor for the sample FID) and "prior_used" (the prior samples.png and the headline numbers use).
+
+    log p(x | y) under every label is bounded once, with `classify_iw_samples` samples, for `classify_per_digit`
+    test images of each digit (balanced_subset): the generative classifier and the marginal -log p(x) share it."""
     terms = elbo_terms(model, outputs, seed)
+    subset = balanced_subset(outputs.labels, classify_per_digit, model.hparams.num_classes, seed)
+    per_label = log_likelihood_per_label(model, outputs.observed[subset], classify_iw_samples, seed)
     return {
         "seed": seed,
         "model": {"latent_dim": model.hparams.latent_dim, "kl_weight": model.hparams.kl_weight,
                   "fitted_prior": None if model.fitted_prior is None else model.fitted_prior.get("kind", "per-class"),
-                  "sampling_prior": model.describe_prior()},
+                  "sampling_prior": model.describe_prior(), "likelihood": model.hparams.likelihood},
         "prior_used": model.resolve_prior("auto"),
         "classifier": {"test_accuracy": (outputs.test.predictions == outputs.labels).double().mean().item(),
                        "features": f"DigitCNN penultimate layer ({outputs.test.features.shape[1]}-d), FID in float64"},
         "test": terms,
         "latent": latent_metrics(outputs.means),
-        "likelihood": likelihood_metrics(model, outputs, terms, iw_samples, seed),
-        "generative_classification": generative_classification(model, outputs.images, outputs.labels,
-                                                               classify_per_digit, classify_iw_samples, seed),
+        "likelihood": likelihood_metrics(model, outputs, terms, iw_samples, seed, per_label, classify_iw_samples),
+        "generative_classification": generative_classification(per_label, outputs.labels[subset],
+                                                               classify_iw_samples),
         "generation": generation_metrics(outputs),
         "reconstruction_fid": fid(outputs.reconstructed.features, outputs.test.features),
     }
@@ -319,6 +349,9 @@ class Entry(NamedTuple):
     median: bool = False          # also a column of the sweep's table of medians
 
 
+NATS = {"gaussian": "nats = loss units + 392 ln(pi)", "bernoulli": "loss units are nats"}  # the report's reminder
+
+
 def _used(m: dict) -> dict:
     """The generation numbers of the prior samples.png uses."""
     return m["generation"][m["prior_used"]]
@@ -331,11 +364,11 @@ def _fid_gap(m: dict) -> float:
 
 REPORT: tuple[tuple[Callable[[dict], str], tuple[Entry, ...]], ...] = (
     (lambda m: f"Test set: {m['test']['images']} images, per image (z: one draw from q(z|x,y), seed {m['seed']})", (
-        Entry("reconstruction (sum of squared errors)", lambda m: m["test"]["recon_per_image"],
+        Entry("reconstruction, -log p(x|z,y) in loss units", lambda m: m["test"]["recon_per_image"],
               key="recon", header="distortion", median=True),
         Entry("KL (nats)", lambda m: m["test"]["kl_per_image"], key="kl", header="KL (rate)", median=True),
         Entry("loss (recon + β × KL)", lambda m: m["test"]["loss_per_image"]),
-        Entry("MSE per pixel", lambda m: m["test"]["mse_per_pixel"], fmt=".4f"),
+        Entry("MSE per pixel against the grey image", lambda m: m["test"]["mse_per_pixel"], fmt=".4f"),
         Entry("MSE per pixel, z = posterior mean", lambda m: m["test"]["mse_per_pixel_posterior_mean"], fmt=".4f",
               key="mse", header="MSE/pixel"),
     )),
@@ -348,14 +381,21 @@ REPORT: tuple[tuple[Callable[[dict], str], tuple[Entry, ...]], ...] = (
               header="KL per dim", kind=list),
         Entry("posterior-mean variance", lambda m: m["latent"]["posterior_mean_variance"], fmt=".2f"),
     )),
-    (lambda m: f"Negative log-likelihood bounds, per image (lower is tighter), importance-weighted with "
-               f"{m['likelihood']['iw_samples']} samples of z", (
+    (lambda m: f"Negative log-likelihood per image, lower is better ({m['model']['likelihood']} decoder: "
+               f"{NATS[m['model']['likelihood']]})", (
         Entry("-ELBO (recon + KL), loss units", lambda m: m["likelihood"]["neg_elbo_per_image"], key="neg_elbo",
               header="−ELBO", median=True),
         Entry("importance-weighted bound, loss units", lambda m: m["likelihood"]["iw_bound_per_image"],
               key="iw_bound", header="IW bound", median=True),
-        Entry("-ELBO, nats (loss units + 392 ln(pi))", lambda m: m["likelihood"]["neg_elbo_nats_per_image"]),
-        Entry("importance-weighted bound, nats", lambda m: m["likelihood"]["iw_bound_nats_per_image"]),
+        Entry("-ELBO, nats", lambda m: m["likelihood"]["neg_elbo_nats_per_image"]),
+        Entry("-log p(x | y), nats (the bound)", lambda m: m["likelihood"]["iw_bound_nats_per_image"], key="nll",
+              header="−log p(x|y), nats"),
+        Entry("  its samples of z per image", lambda m: m["likelihood"]["iw_samples"], fmt="d"),
+        Entry("-log p(x), nats (sum over y, uniform p(y))", lambda m: m["likelihood"]["marginal_nll_nats"],
+              key="marginal_nll", header="−log p(x), nats", median=True),
+        Entry("  its images, and samples of z per label", lambda m: (f"{m['likelihood']['marginal_images']}, "
+                                                                     f"{m['likelihood']['marginal_iw_samples']}"),
+              fmt="s"),
     )),
     (lambda m: f"The CVAE as a classifier, argmax_y log p(x|y) (IW bound, {m['generative_classification']['iw_samples']}"
                f" samples per label), {m['generative_classification']['images']} test images", (

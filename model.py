@@ -7,6 +7,11 @@ Architecture (the original repo's design; sizes come from constructor arguments)
 
 Every hidden block is Linear + LayerNorm + ReLU, followed by Dropout except for the encoder's last block.
 
+The decoder's Sigmoid output is read by one of two likelihoods (`likelihood`): "gaussian", the original's summed
+squared error (a Gaussian of variance 1/2 per pixel, on the grey images), or "bernoulli", each output a pixel's
+probability of ink and the summed binary cross-entropy its -log p(x | z, y) in nats, on binarized images (which
+images, dataset.binarize says).
+
 The constructor's defaults are the recipe `python train.py` trains (train.py takes its flags' defaults from them), so
 `CVAE()` in a notebook with a Trainer of your own is the model the README describes. `load_cvae` rebuilds a trained
 one from a checkpoint alone.
@@ -24,7 +29,7 @@ import pytorch_lightning as pl
 from torchmetrics import MeanMetric
 
 from checkpoint import CheckpointError, safe_torch_load
-from dataset import to_float_images
+from dataset import binarize, to_float_images
 from prior import describe_prior, draw_z, load_prior, resolve_prior
 from torch_utils import eval_mode
 
@@ -74,6 +79,9 @@ def latent_name(dim: int, latent_dim: int) -> str:
     return f"z{dim}" if latent_dim <= 2 else f"z[{dim}]"
 
 
+LIKELIHOODS = ("gaussian", "bernoulli")  # how the decoder's output scores an image: p(x | z, y)
+
+
 def squared_error(recon: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Squared error summed over each image's pixels, (N,): -log p(x | z, y) less gaussian_nll_constant."""
     return (recon - x.reshape(recon.shape)).pow(2).sum(dim=1)
@@ -85,13 +93,28 @@ def gaussian_nll_constant(pixels: int) -> float:
     return pixels / 2 * math.log(math.pi)
 
 
+def reconstruction_nll(recon: torch.Tensor, x: torch.Tensor, likelihood: str = "gaussian") -> torch.Tensor:
+    """-log p(x | z, y) per image, (N,), in loss units: for "gaussian" the summed squared error (nats less
+    nll_constant), for "bernoulli" the summed binary cross-entropy of the pixel probabilities `recon` against binary
+    x (nats; torch clamps each log at -100, so a confident wrong pixel costs 100 nats, not infinity)."""
+    if likelihood == "bernoulli":
+        return F.binary_cross_entropy(recon, x.reshape(recon.shape), reduction="none").sum(dim=1)
+    return squared_error(recon, x)
+
+
+def nll_constant(likelihood: str, pixels: int) -> float:
+    """What reconstruction_nll leaves out of -log p(x | z, y): loss units + this = nats."""
+    return gaussian_nll_constant(pixels) if likelihood == "gaussian" else 0.0
+
+
 def elbo_loss(recon: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, logvar: torch.Tensor,
-              kl_weight: float = 1.0, free_bits: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Negative ELBO: (recon + kl_weight * kl, recon, kl), batch means of squared_error and summed kl_per_dim.
+              kl_weight: float = 1.0, free_bits: float = 0.0, likelihood: str = "gaussian"
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Negative ELBO: (recon + kl_weight * kl, recon, kl), batch means of reconstruction_nll and summed kl_per_dim.
 
     kl_weight is beta (0: the original repo's plain-MSE autoencoder). free_bits (nats per latent dimension, Kingma
     et al. 2016) floors each dimension's batch-mean KL in the total only, against collapsed dimensions."""
-    recon_loss = squared_error(recon, x).mean()
+    recon_loss = reconstruction_nll(recon, x, likelihood).mean()
     kl_dims = kl_per_dim(mean, logvar)  # (N, latent)
     kl = kl_dims.sum(dim=1).mean()
     kl_term = kl_dims.mean(dim=0).clamp(min=free_bits).sum() if free_bits > 0 else kl
@@ -155,12 +178,17 @@ class CVAE(pl.LightningModule):
         kl_weight: float = 1.0,
         kl_warmup_epochs: float = 2.0,
         free_bits: float = 0.0,
+        likelihood: str = "gaussian",
     ):
         super().__init__()
         if latent_dim < 1 or num_classes < 1 or image_size < 1:
             raise ValueError("latent_dim, num_classes and image_size must be positive")
         if kl_weight < 0 or free_bits < 0 or kl_warmup_epochs < 0:
             raise ValueError("kl_weight, free_bits and kl_warmup_epochs must be non-negative")
+        if not 0 <= dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        if likelihood not in LIKELIHOODS:
+            raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
         # Lists, not tuples, so the hyper-parameters in a checkpoint are plain YAML/JSON types.
         encoder_dims, decoder_dims = list(encoder_dims), list(decoder_dims)
         self.save_hyperparameters()
@@ -242,6 +270,11 @@ class CVAE(pl.LightningModule):
         """The prior `sample` uses for `prior` ("auto": the fitted one when the model has it); see prior.py."""
         return resolve_prior(prior, self.fitted_prior)
 
+    def observe(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (grey, in [0, 1]) as this model sees and scores them outside training: as they are for the Gaussian
+        decoder, their fixed binarization (dataset.binarize) for the Bernoulli one."""
+        return binarize(images) if self.hparams.likelihood == "bernoulli" else images
+
     def describe_prior(self, prior: str = "auto") -> str:
         """The prior `sample` uses for `prior`, in words (e.g. "a Gaussian per digit, fitted to the training codes")."""
         return describe_prior(prior, self.fitted_prior)
@@ -303,7 +336,7 @@ class CVAE(pl.LightningModule):
             kl_weight, free_bits = self.kl_weight_at(self.global_step), self.hparams.free_bits
         else:  # validation and test report the plain ELBO, so runs with different recipes compare directly
             kl_weight, free_bits = self.hparams.kl_weight, 0.0
-        loss, recon_loss, kl = elbo_loss(recon, x, mean, logvar, kl_weight, free_bits)
+        loss, recon_loss, kl = elbo_loss(recon, x, mean, logvar, kl_weight, free_bits, self.hparams.likelihood)
         for term, value in zip(TERMS, (loss, recon_loss, kl)):
             self.epoch_means[metric_name(stage, term)].update(value.detach(), weight=len(x))  # a mean over images
         return loss

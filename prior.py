@@ -138,13 +138,15 @@ def draw_z(name: str, fitted: dict[str, Any] | None, labels: torch.Tensor, laten
 
 class FitPrior(Callback):
     """When fit ends (also when a resumed run had no epochs left), fit the sampling prior to the posterior means of
-    the training images; the final checkpoint stores it."""
+    the training images (as the model sees them: a Bernoulli model's through their fixed binarization); the final
+    checkpoint stores it."""
 
     def __init__(self, kind: str = "per-class", components: int = 1, seed: int = 0) -> None:
         self.kind, self.components, self.seed = kind, components, seed
 
     def on_fit_end(self, trainer, pl_module) -> None:
-        train_set = trainer.datamodule.splits["train"]
-        z = pl_module.posterior_means(train_set.pixels, train_set.labels)
-        pl_module.fitted_prior = fit_gmm_prior(z, train_set.labels.cpu(), pl_module.hparams.num_classes, self.kind,
+        data = trainer.datamodule
+        labels = data.splits["train"].labels
+        z = pl_module.posterior_means(data.fixed_pixels("train"), labels)  # the images as the model sees them
+        pl_module.fitted_prior = fit_gmm_prior(z, labels.cpu(), pl_module.hparams.num_classes, self.kind,
                                                self.components, seed=self.seed)

@@ -42,10 +42,10 @@ def build_parser() -> ArgParser:
     p.add_argument("--iw-samples", type=bounded(int, 1, 10_000), default=metrics.IW_SAMPLES,
                    help="samples of z per test image for the importance-weighted likelihood bound")
     p.add_argument("--classify-per-digit", type=bounded(int, 1), default=metrics.CLASSIFY_PER_DIGIT,
-                   help="test images per digit (a seeded, class-balanced subset) that the CVAE classifies by "
-                        "argmax_y log p(x|y)")
+                   help="test images per digit (a seeded, class-balanced subset) whose log p(x|y) is bounded under "
+                        "every label: the CVAE classifies them by argmax_y, and -log p(x) sums over y")
     p.add_argument("--classify-iw-samples", type=bounded(int, 1, 10_000), default=metrics.CLASSIFY_IW_SAMPLES,
-                   help="samples of z for the importance-weighted bound on each log p(x|y) of that classifier")
+                   help="samples of z for the importance-weighted bound on each of those log p(x|y)")
     p.add_argument("--run-dir", type=Path, default=DEFAULT_RUN_DIR,
                    help="train.py's --run-dir of this checkpoint, for training_curves.png")
     p.add_argument("--judge", type=Path, default=None,

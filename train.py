@@ -25,7 +25,7 @@ from torchvision.utils import make_grid
 from checkpoint import AtomicCheckpointIO, CheckpointError, safe_torch_load
 from cli import DEFAULT_CKPT, DEFAULT_RUN_DIR, ArgParser, UsageError, bounded, check_data_dir, check_output_file, fail
 from dataset import DEFAULT_DATA_DIR, TRAIN_SIZE, DataError, MNISTDataModule
-from model import CVAE, metric_names
+from model import CVAE, LIKELIHOODS, metric_names
 from prior import MIXTURE_KINDS, FitPrior
 
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")
@@ -52,6 +52,11 @@ def build_parser() -> ArgParser:
                    help="ramp beta linearly from 0 over this many epochs, per step (0 = off)")
     g.add_argument("--free-bits", type=bounded(float, 0), default=MODEL["free_bits"],
                    help="minimum KL per latent dimension in nats, in the training objective (0 = off)")
+    g.add_argument("--likelihood", choices=LIKELIHOODS, default=MODEL["likelihood"],
+                   help="p(x | z, y): gaussian = summed squared error on grey images (the original's); bernoulli = "
+                        "summed binary cross-entropy on binarized images, drawn afresh for every training batch")
+    g.add_argument("--dropout", type=bounded(float, 0, 0.99), default=MODEL["dropout"],
+                   help="dropout after the hidden blocks (0 = none, as in the VAE papers)")
     g.add_argument("--prior", choices=(*MIXTURE_KINDS, "none"), default=PRIOR["kind"],
                    help="after training, fit a Gaussian mixture to the training codes for sampling "
                         "(per digit, or one for all digits)")
@@ -73,6 +78,9 @@ def build_parser() -> ArgParser:
     g.add_argument("--run-dir", type=Path, default=DEFAULT_RUN_DIR,
                    help="per-epoch checkpoint (checkpoints/last.ckpt) and logs (CSV, TensorBoard)")
     g.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoints/last.ckpt")
+    g.add_argument("--keep-every", type=bounded(int, 0), default=0,
+                   help="also keep every Nth epoch's checkpoint as RUN_DIR/checkpoints/epoch=E.ckpt, E counted from 1 "
+                        "(0 = only last.ckpt), e.g. to score a long run at several points")
     g = p.add_argument_group("hardware (passed to the Lightning Trainer)")
     g.add_argument("--accelerator", choices=ACCELERATORS, default="auto", help="device type")
     g.add_argument("--devices", default="auto", help="number of devices, a list like 0,1, or auto")
@@ -195,6 +203,19 @@ class SampleGrid(Callback):
         tensorboard.save()  # flushed now: ModelCheckpoint, the last callback to run, then saves the epoch
 
 
+class KeepEvery(Callback):
+    """Every `every` epochs, the weights as FOLDER/epoch=E.ckpt (E counted from 1, as the epoch lines count; no
+    optimizer state, no fitted prior), so that one long run can be scored at several points of its training."""
+
+    def __init__(self, folder: Path, every: int) -> None:
+        self.folder, self.every = folder, every
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:  # after the epoch's validation
+        done = trainer.current_epoch + 1
+        if done % self.every == 0:
+            trainer.save_checkpoint(self.folder / f"epoch={done}.ckpt", weights_only=True)  # rank 0 writes
+
+
 def build_loggers(run_dir: Path) -> list:
     """A CSV log and TensorBoard event files side by side in RUN_DIR/logs/version_N, a new N for each process (a
     resumed run continues in the next version; test.py joins them into one curve)."""
@@ -209,6 +230,7 @@ def build_trainer(args, callbacks: list[Callback] | None = None) -> pl.Trainer:
     last = last_checkpoint(args.run_dir)
     checkpoint = ModelCheckpoint(dirpath=last.parent, filename=last.stem, save_top_k=1,
                                  enable_version_counter=False)
+    keep = [KeepEvery(last.parent, args.keep_every)] if args.keep_every else []
     # The bar is redrawn at every refresh; every 50 steps is still several times a second.
     progress = [] if args.no_progress else [TQDMProgressBar(refresh_rate=50)]
     prior = [] if args.prior == "none" else [FitPrior(args.prior, args.prior_components, args.seed)]
@@ -217,7 +239,7 @@ def build_trainer(args, callbacks: list[Callback] | None = None) -> pl.Trainer:
         accelerator=args.accelerator, devices=args.devices, strategy=args.strategy, num_nodes=args.num_nodes,
         precision=args.precision,
         logger=build_loggers(args.run_dir),
-        callbacks=[checkpoint, RNGState(), EpochSummary(), SampleGrid(args.seed), *prior, *(callbacks or []),
+        callbacks=[checkpoint, *keep, RNGState(), EpochSummary(), SampleGrid(args.seed), *prior, *(callbacks or []),
                    *progress],
         plugins=[AtomicCheckpointIO()],
         # The data module shards its batch sampler across processes itself (see dataset.BatchIndexSampler).
@@ -229,8 +251,8 @@ def build_trainer(args, callbacks: list[Callback] | None = None) -> pl.Trainer:
 
 def build_model(args) -> CVAE:
     """The CVAE that train.py's flags describe."""
-    model = CVAE(latent_dim=args.latent_dim, lr=args.lr, kl_weight=args.kl_weight,
-                 kl_warmup_epochs=args.kl_warmup_epochs, free_bits=args.free_bits)
+    model = CVAE(latent_dim=args.latent_dim, dropout=args.dropout, lr=args.lr, kl_weight=args.kl_weight,
+                 kl_warmup_epochs=args.kl_warmup_epochs, free_bits=args.free_bits, likelihood=args.likelihood)
     if args.compile:
         # In place, so the state_dict keys (and checkpoints) are the same as without compiling.
         model.encoder.compile()
@@ -243,7 +265,8 @@ def build_data(args, device: torch.device | None = None) -> MNISTDataModule:
     stay in host memory."""
     on_gpu = device is not None and device.type == "cuda"
     return MNISTDataModule(args.data_dir, batch_size=args.batch_size, val_size=args.val_size, seed=args.seed,
-                           train_size=args.train_size, device=device if on_gpu else None)
+                           train_size=args.train_size, device=device if on_gpu else None,
+                           binarize=args.likelihood == "bernoulli")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -305,7 +328,9 @@ def finish(trainer: pl.Trainer, model: CVAE, data: MNISTDataModule, args) -> Non
     trainer.test(model, datamodule=data, verbose=False)
     if trainer.is_global_zero:
         loss, recon, kl = (float(trainer.callback_metrics[name]) for name in metric_names("test"))
-        print(f"test: loss {loss:.2f}, recon {recon:.2f} (MSE per pixel {recon / model.image_dim:.4f}), kl {kl:.2f}")
+        recon_is = (f"MSE per pixel {recon / model.image_dim:.4f}" if model.hparams.likelihood == "gaussian"
+                    else "binary cross-entropy, nats")
+        print(f"test: loss {loss:.2f}, recon {recon:.2f} ({recon_is}), kl {kl:.2f}")
     # Model weights, hyper-parameters and the fitted prior; no optimizer state (resume uses last.ckpt).
     trainer.save_checkpoint(args.ckpt, weights_only=True)  # atomic (AtomicCheckpointIO); rank 0 writes
     if trainer.is_global_zero:

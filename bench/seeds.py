@@ -110,10 +110,10 @@ def compare_priors(model, outputs, seed: int, args: argparse.Namespace, judge) -
     from metrics import Samples, generate, generation_metrics, judge_images
     from prior import fit_gmm_prior
 
-    data = MNISTDataModule(args.data_dir, seed=seed)
+    data = MNISTDataModule(args.data_dir, seed=seed, binarize=model.hparams.likelihood == "bernoulli")
     data.setup()
     train_set = data.splits["train"]
-    z = model.posterior_means(train_set.pixels, train_set.labels)
+    z = model.posterior_means(data.fixed_pixels("train"), train_set.labels)
     recon_fid = fid(outputs.reconstructed.features, outputs.test.features)
     rows = []
     for kind, components in PRIOR_VARIANTS:

@@ -1,4 +1,5 @@
-"""What beta, the size of z and training length do: a grid of training runs, each judged as test.py judges.
+"""What beta, the size of z, training length and the decoder's likelihood do: a grid of training runs, each judged as
+test.py judges.
 
     python bench/sweep.py                               # the whole grid on seeds 0 1 2 -> runs/sweep/
     python bench/sweep.py --grid beta --jobs 2          # only the beta cells, two runs at a time
@@ -10,8 +11,10 @@
     python bench/sweep.py --report-only                 # the table and figures from results.csv, no training
 
 The grid (GRIDS): beta 0.25 ... 2 at z size 2 and 10 epochs; z size 2, 4, 8, 16 at beta 1; 10, 20 and 40 epochs at
-beta 1. A run is one plain `python train.py --kl-weight B --latent-dim D --epochs E --seed S ...` (the default recipe
-otherwise: KL warm-up, fitted prior), then metrics.evaluate() on its checkpoint. Each run adds a row to
+beta 1; the Bernoulli decoder at z 2 and 40, with dropout 0.25 and none (`--grid likelihood`; its rows are the
+Bernoulli decoder's nats, not squared errors, so the rate-distortion figure leaves them out). A run is one plain
+`python train.py --kl-weight B --latent-dim D --epochs E [--likelihood L] [--dropout P] --seed S ...` (the default
+recipe otherwise: KL warm-up, fitted prior), then metrics.evaluate() on its checkpoint. Each run adds a row to
 OUT_DIR/results.csv when it is judged (its cell, then metrics.SUMMARY's numbers; a CSV written before a number
 existed reads that column as missing); a run already there is skipped, so an interrupted sweep continues where it
 stopped, and a run whose checkpoint exists is judged without training it again. From the CSV's rows of the chosen
@@ -55,13 +58,18 @@ class Cell(NamedTuple):
     kl_weight: float
     latent_dim: int
     epochs: int
+    likelihood: str = "gaussian"
+    dropout: float = 0.25
 
 
-DEFAULT = Cell(1.0, 2, 10)  # train.py's defaults; the beta, z and epochs grids each vary one of these
+DEFAULT = Cell(1.0, 2, 10)  # train.py's defaults; each grid varies some of these
+BERNOULLI = DEFAULT._replace(likelihood="bernoulli")
 GRIDS = {
     "beta": [DEFAULT._replace(kl_weight=b) for b in (0.25, 0.5, 0.75, 1.0, 1.5, 2.0)],
     "z": [DEFAULT._replace(latent_dim=d) for d in (2, 4, 8, 16)],
     "epochs": [DEFAULT._replace(epochs=e) for e in (10, 20, 40)],
+    # The Bernoulli decoder at the seed's z and the papers' (40), with and without dropout (the papers have none).
+    "likelihood": [BERNOULLI._replace(latent_dim=d, dropout=p) for d in (2, 40) for p in (0.25, 0.0)],
 }
 # The CSV: the cell, the seed and its train.py time, metrics.SUMMARY's numbers (a list space-separated), the checkpoint
 # and any extra flags.
@@ -78,8 +86,10 @@ class Run(NamedTuple):
 
     @property
     def name(self) -> str:
-        b, d, e = self.cell
-        return f"beta{b:g}-z{d}-e{e}-seed{self.seed}"
+        """e.g. beta1-z2-e10-seed0; a cell's likelihood and dropout are named where they differ from the default."""
+        b, d, e, likelihood, dropout = self.cell
+        return (f"beta{b:g}-z{d}-e{e}" + (f"-{likelihood}" if likelihood != DEFAULT.likelihood else "")
+                + (f"-dropout{dropout:g}" if dropout != DEFAULT.dropout else "") + f"-seed{self.seed}")
 
 
 def grid_runs(grids: list[str], seeds: list[int], betas: list[float] | None = None) -> list[Run]:
@@ -97,9 +107,13 @@ def paths(run: Run, out_dir: Path) -> tuple[Path, Path, Path]:
 def command(run: Run, args) -> list[str]:
     """The train.py command of a run."""
     ckpt, run_dir, _ = paths(run, args.out_dir)
-    b, d, e = run.cell
-    return train_command(ckpt, run_dir, ["--kl-weight", f"{b:g}", "--latent-dim", str(d), "--epochs", str(e),
-                                         "--seed", str(run.seed), "--data-dir", str(args.data_dir),
+    b, d, e, likelihood, dropout = run.cell
+    flags = ["--kl-weight", f"{b:g}", "--latent-dim", str(d), "--epochs", str(e)]
+    if likelihood != DEFAULT.likelihood:
+        flags += ["--likelihood", likelihood]
+    if dropout != DEFAULT.dropout:
+        flags += ["--dropout", f"{dropout:g}"]
+    return train_command(ckpt, run_dir, [*flags, "--seed", str(run.seed), "--data-dir", str(args.data_dir),
                                          "--num-threads", str(args.num_threads), *shlex.split(args.train_args)])
 
 
@@ -154,8 +168,13 @@ def read_results(path: Path) -> list[dict[str, Any]]:
         return []
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
-    return [{name: from_text(KINDS.get(name, str), row.get(name) or "") for name in dict.fromkeys([*FIELDS, *row])}
+    rows = [{name: from_text(KINDS.get(name, str), row.get(name) or "") for name in dict.fromkeys([*FIELDS, *row])}
             for row in rows]
+    for row in rows:  # a cell setting newer than the CSV had its default in every run of it
+        for name, default in DEFAULT._asdict().items():
+            if row[name] is None or row[name] != row[name]:  # None, or NaN
+                row[name] = default
+    return rows
 
 
 def run_grid(runs: list[Run], args) -> int:
@@ -185,11 +204,13 @@ def run_grid(runs: list[Run], args) -> int:
 
 # ----- the report ---------------------------------------------------------------------------------------------------
 def cells_of(rows: list[dict[str, Any]]) -> dict[Cell, list[dict[str, Any]]]:
-    """The rows grouped by cell, in the grid's order: the beta cells, then wider z, then longer training."""
+    """The rows grouped by cell, in the grid's order: the Gaussian beta cells, then wider z, then longer training;
+    then the Bernoulli cells, dropout before none."""
     groups: dict[Cell, list[dict[str, Any]]] = {}
     for row in rows:
-        groups.setdefault(Cell(row["kl_weight"], row["latent_dim"], row["epochs"]), []).append(row)
-    return dict(sorted(groups.items(), key=lambda item: (item[0].epochs, item[0].latent_dim, item[0].kl_weight)))
+        groups.setdefault(Cell(*(row[name] for name in Cell._fields)), []).append(row)
+    return dict(sorted(groups.items(), key=lambda item: (item[0].likelihood != "gaussian", item[0].epochs,
+                                                         item[0].latent_dim, item[0].kl_weight, -item[0].dropout)))
 
 
 def spread(values: list[float], fmt: str, scale: float = 1.0) -> str:
@@ -207,14 +228,16 @@ MEDIAN_COLUMNS = [(f"{e.header or e.label}{' (%)' if e.unit == '%' else ''}", e.
 def write_table(rows: list[dict[str, Any]], path: Path) -> Path:
     """sweep.md: per cell, the median over its seeds and (in brackets) the smallest and largest value; then every
     run, cell by cell, one row per seed as seeds.py prints it."""
-    lines = ["| β | z | epochs | seeds | " + " | ".join(name for name, *_ in MEDIAN_COLUMNS) + " |",
-             "|" + "---|" * (4 + len(MEDIAN_COLUMNS))]
+    lines = ["| β | z | epochs | decoder | dropout | seeds | " + " | ".join(name for name, *_ in MEDIAN_COLUMNS)
+             + " |", "|" + "---|" * (6 + len(MEDIAN_COLUMNS))]
     groups = cells_of(rows)
     for cell, group in groups.items():
         values = " | ".join(spread([row[key] for row in group], fmt, scale) for _, key, fmt, scale in MEDIAN_COLUMNS)
-        lines.append(f"| {cell.kl_weight:g} | {cell.latent_dim} | {cell.epochs} | {len(group)} | {values} |")
+        lines.append(f"| {cell.kl_weight:g} | {cell.latent_dim} | {cell.epochs} | {cell.likelihood} "
+                     f"| {cell.dropout:g} | {len(group)} | {values} |")
     for cell, group in groups.items():
-        lines += ["", f"β {cell.kl_weight:g}, z size {cell.latent_dim}, {cell.epochs} epochs:", "", row_header()]
+        lines += ["", f"β {cell.kl_weight:g}, z size {cell.latent_dim}, {cell.epochs} epochs, {cell.likelihood} "
+                      f"decoder, dropout {cell.dropout:g}:", "", row_header()]
         lines += [row_markdown(row) for row in sorted(group, key=lambda row: row["seed"])]
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -228,9 +251,15 @@ BETA_PANELS = (  # CSV field, title, scale
 )
 
 
+def gaussian_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The runs whose distortion is a summed squared error (the Gaussian decoder): the rate-distortion plane's."""
+    return [row for row in rows if row["likelihood"] == "gaussian"]
+
+
 def beta_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The runs of the beta grid: default z size and training length."""
-    return [row for row in rows if (row["latent_dim"], row["epochs"]) == (DEFAULT.latent_dim, DEFAULT.epochs)]
+    """The runs of the beta grid: the Gaussian decoder at the default z size, training length and dropout."""
+    return [row for row in gaussian_rows(rows) if (row["latent_dim"], row["epochs"], row["dropout"])
+            == (DEFAULT.latent_dim, DEFAULT.epochs, DEFAULT.dropout)]
 
 
 def beta_metrics(rows: list[dict[str, Any]]):
@@ -261,8 +290,10 @@ def write_report(csv_path: Path, out_dir: Path, runs: list[Run] | None = None) -
     if runs is not None:
         names = {run.name for run in runs}
         rows = [row for row in rows if row["name"] in names]
-    written = [write_table(rows, out_dir / "sweep.md"),
-               figures.save(figures.rate_distortion(rows, DEFAULT.epochs), out_dir / "rate_distortion.png")]
+    written = [write_table(rows, out_dir / "sweep.md")]
+    if gaussian_rows(rows):
+        written.append(figures.save(figures.rate_distortion(gaussian_rows(rows), DEFAULT.epochs),
+                                    out_dir / "rate_distortion.png"))
     if beta_rows(rows):
         seeds = ", ".join(map(str, sorted({row["seed"] for row in beta_rows(rows)})))
         title = (f"What β does (z size {DEFAULT.latent_dim}, {DEFAULT.epochs} epochs): median over seeds {seeds}, "

@@ -78,6 +78,13 @@ def iw_bound(model, images, labels, iw_samples, seed=0):
     return metrics.iw_bound(model, images, labels, *model.posterior(images, labels), iw_samples, seed)
 
 
+def classify(model, images, labels, per_digit, iw_samples, seed=0):
+    """metrics.generative_classification of `per_digit` images of each digit, as evaluate() runs it."""
+    idx = metrics.balanced_subset(labels, per_digit, 10, seed)
+    per_label = metrics.log_likelihood_per_label(model, images[idx], iw_samples, seed)
+    return metrics.generative_classification(per_label, labels[idx], iw_samples)
+
+
 # ----- the command and its files --------------------------------------------------------------------------------------
 def test_every_file_is_written_as_a_png_of_the_expected_size(results):
     from PIL import Image
@@ -159,6 +166,13 @@ def test_metrics_match_an_independent_recomputation(results, tiny_ckpt, test_set
     assert gc["accuracy"] == pytest.approx(hits.mean().item(), abs=1e-12)
     assert gc["per_digit"] == pytest.approx([hits[labels[idx] == c].mean().item() for c in range(10)], abs=1e-12)
 
+    # The marginal -log p(x) of the same images, summed over the labels one by one with a uniform p(y) = 1/10.
+    brute = [-math.log(sum(0.1 * math.exp(v - row.max().item()) for v in row.tolist())) - row.max().item()
+             for row in log_p.double()]
+    assert (lk["marginal_images"], lk["marginal_iw_samples"]) == (10 * CLASSIFY_PER_DIGIT, CLASSIFY_K)
+    assert lk["marginal_nll_nats"] == pytest.approx(sum(brute) / len(brute) + 392 * np.log(np.pi), rel=1e-9)
+    assert numbers["model"]["likelihood"] == "gaussian"
+
 
 def test_the_report_and_the_summary_rows_carry_the_numbers_of_metrics_json(results):
     """metrics.report prints each number where its label says, and metrics.summary (bench/seeds.py's rows, the sweep's
@@ -173,17 +187,19 @@ def test_the_report_and_the_summary_rows_carry_the_numbers_of_metrics_json(resul
         "recon": test["recon_per_image"], "kl": test["kl_per_image"], "mse": test["mse_per_pixel_posterior_mean"],
         "active_units": numbers["latent"]["active_units"], "kl_dims": test["kl_per_dim"],
         "neg_elbo": lk["neg_elbo_per_image"], "iw_bound": lk["iw_bound_per_image"],
+        "nll": lk["iw_bound_nats_per_image"], "marginal_nll": lk["marginal_nll_nats"],
         "class_accuracy": numbers["generative_classification"]["accuracy"], "prior": "fitted",
         "accuracy": gen["fitted"]["conditional_accuracy"], "fid": gen["fitted"]["fid"],
         "recon_fid": numbers["reconstruction_fid"], "fid_gap": gen["fitted"]["fid"] / numbers["reconstruction_fid"] - 1,
         "standard_accuracy": gen["standard"]["conditional_accuracy"], "standard_fid": gen["standard"]["fid"]}
     lines = {line.strip()[:48].strip(): line[50:].strip() for line in metrics.report(numbers).splitlines()
              if line.startswith("  ")}
-    assert lines["reconstruction (sum of squared errors)"] == f"{test['recon_per_image']:.2f}"
+    assert lines["reconstruction, -log p(x|z,y) in loss units"] == f"{test['recon_per_image']:.2f}"
     assert lines["KL (nats)"] == f"{test['kl_per_image']:.2f}"
     assert lines["KL per dimension (nats)"] == ", ".join(f"{v:.2f}" for v in test["kl_per_dim"])
-    assert lines["-ELBO, nats (loss units + 392 ln(pi))"] == f"{lk['neg_elbo_nats_per_image']:.2f}"
-    assert lines["importance-weighted bound, nats"] == f"{lk['iw_bound_nats_per_image']:.2f}"
+    assert lines["-ELBO, nats"] == f"{lk['neg_elbo_nats_per_image']:.2f}"
+    assert lines["-log p(x | y), nats (the bound)"] == f"{lk['iw_bound_nats_per_image']:.2f}"
+    assert lines["-log p(x), nats (sum over y, uniform p(y))"] == f"{lk['marginal_nll_nats']:.2f}"
     assert lines["conditional accuracy"] == f"{100 * gen['fitted']['conditional_accuracy']:.2f}%"
     assert lines["FID against the test images"] == f"{gen['fitted']['fid']:.1f}"
     assert lines["FID, N(0, I)"] == f"{gen['standard']['fid']:.1f}"
@@ -436,7 +452,7 @@ def test_with_z_ignored_the_classifier_picks_the_nearest_label_template(short_ru
         expected = -torch.cdist(images[idx].flatten(1), templates).pow(2)  # (200, 10)
     log_p = metrics.log_likelihood_per_label(model, images[idx], iw_samples=3)
     torch.testing.assert_close(log_p, expected, rtol=1e-4, atol=1e-3)
-    gc = metrics.generative_classification(model, images, labels, per_digit=20, iw_samples=3)
+    gc = classify(model, images, labels, per_digit=20, iw_samples=3)
     hits = (expected.argmax(1) == labels[idx]).double()
     assert gc["accuracy"] == pytest.approx(hits.mean().item(), abs=1e-12)
     assert gc["accuracy"] > 0.5
@@ -446,10 +462,10 @@ def test_a_decoder_that_ignores_the_label_classifies_at_chance(short_run, test_s
     """With the decoder's label columns zeroed, p(x | y) is the same for every y: the classifier guesses."""
     model = load_cvae(short_run / "short.ckpt")
     images, labels = test_set
-    trained = metrics.generative_classification(model, images, labels, per_digit=30, iw_samples=10)["accuracy"]
+    trained = classify(model, images, labels, per_digit=30, iw_samples=10)["accuracy"]
     with torch.no_grad():
         first_linear(model.decoder).weight[:, model.hparams.latent_dim:] = 0  # the columns that read the one-hot y
-    blind = metrics.generative_classification(model, images, labels, per_digit=30, iw_samples=10)["accuracy"]
+    blind = classify(model, images, labels, per_digit=30, iw_samples=10)["accuracy"]
     print(f"accuracy as a classifier: trained {trained:.3f}, label-blind decoder {blind:.3f}")
     assert trained > 0.5
     assert 0.03 < blind < 0.2  # 10 % +- 3 standard errors of 300 guesses

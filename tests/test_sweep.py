@@ -21,10 +21,12 @@ import sweep  # noqa: E402
 BETAS = ("0.25", "0.5", "0.75", "1", "1.5", "2")
 
 
-def train_line(out: Path, data: Path, beta: str, latent: int, epochs: int, seed: int) -> str:
-    """The command sweep.py should print for one run, spelled out by hand."""
-    name = f"beta{beta}-z{latent}-e{epochs}-seed{seed}"
-    return (f"python train.py --kl-weight {beta} --latent-dim {latent} --epochs {epochs} --seed {seed} "
+def train_line(out: Path, data: Path, beta: str, latent: int, epochs: int, seed: int, extra: str = "",
+               suffix: str = "") -> str:
+    """The command sweep.py should print for one run, spelled out by hand; `extra` flags after --epochs, `suffix`
+    in the run's name."""
+    name = f"beta{beta}-z{latent}-e{epochs}{suffix}-seed{seed}"
+    return (f"python train.py --kl-weight {beta} --latent-dim {latent} --epochs {epochs} {extra}--seed {seed} "
             f"--data-dir {data} --num-threads 1 --no-progress --ckpt {out}/ckpts/{name}.ckpt "
             f"--run-dir {out}/runs/{name}")
 
@@ -32,8 +34,9 @@ def train_line(out: Path, data: Path, beta: str, latent: int, epochs: int, seed:
 def result_row(beta: float, latent: int, epochs: int, seed: int, ckpt: Path | str = "none.ckpt", **numbers) -> dict:
     """A CSV row as sweep.py writes it, with made-up numbers (overridden by `numbers`)."""
     row = {"name": sweep.Run(sweep.Cell(beta, latent, epochs), seed).name, "kl_weight": beta, "latent_dim": latent,
-           "epochs": epochs, "seed": seed, "train_s": 60.0, "recon": 27.0, "kl": 3.0, "mse": 0.03,
-           "active_units": latent, "kl_dims": "1.5 1.5", "neg_elbo": 30.0, "iw_bound": 29.5, "class_accuracy": 0.9,
+           "epochs": epochs, "likelihood": "gaussian", "dropout": 0.25, "seed": seed, "train_s": 60.0, "recon": 27.0,
+           "kl": 3.0, "mse": 0.03, "active_units": latent, "kl_dims": "1.5 1.5", "neg_elbo": 30.0,
+           "iw_bound": 29.5, "nll": 478.2, "marginal_nll": 480.5, "class_accuracy": 0.9,
            "prior": "fitted", "accuracy": 0.99, "fid": 70.0, "recon_fid": 69.0, "fid_gap": 70 / 69 - 1,
            "standard_accuracy": 0.98, "standard_fid": 75.0, "ckpt": str(ckpt), "train_args": ""}
     row.update(numbers)
@@ -68,15 +71,19 @@ def test_print_commands_prints_the_train_commands_of_the_runs_not_yet_done(tmp_p
     assert sorted(p.name for p in out.iterdir()) == ["ckpts", "results.csv"]  # printing writes nothing
 
 
-def test_the_whole_grid_is_eleven_cells_on_three_seeds(tmp_path, capsys):
-    """beta (6 cells at z 2, 10 epochs), z (2, 4, 8, 16 at beta 1) and epochs (10, 20, 40): the default cell once."""
+def test_the_whole_grid_is_fifteen_cells_on_three_seeds(tmp_path, capsys):
+    """beta (6 cells at z 2, 10 epochs), z (2, 4, 8, 16 at beta 1) and epochs (10, 20, 40): the default cell once;
+    then the Bernoulli decoder at z 2 and 40, with dropout 0.25 and 0."""
     out, data = tmp_path / "sweep", tmp_path / "mnist"
     assert sweep.main(["--out-dir", str(out), "--data-dir", str(data), "--num-threads", "1",
                        "--print-commands"]) == 0
     printed = capsys.readouterr().out.splitlines()
     expected = ([train_line(out, data, b, 2, 10, s) for b in BETAS for s in (0, 1, 2)]
                 + [train_line(out, data, "1", d, 10, s) for d in (4, 8, 16) for s in (0, 1, 2)]
-                + [train_line(out, data, "1", 2, e, s) for e in (20, 40) for s in (0, 1, 2)])
+                + [train_line(out, data, "1", 2, e, s) for e in (20, 40) for s in (0, 1, 2)]
+                + [train_line(out, data, "1", d, 10, s, f"--likelihood bernoulli {drop}",
+                              "-bernoulli" + ("-dropout0" if drop else ""))
+                   for d in (2, 40) for drop in ("", "--dropout 0 ") for s in (0, 1, 2)])
     assert printed == expected
 
 
@@ -89,7 +96,7 @@ def test_a_sweep_skips_the_runs_in_its_csv_and_retries_the_failed_ones(tmp_path,
         if run.name in fails_once:
             fails_once.remove(run.name)
             raise subprocess.CalledProcessError(1, "train.py")
-        b, d, e = run.cell
+        b, d, e, *_ = run.cell
         return result_row(b, d, e, run.seed, kl=float(len(calls)))
 
     monkeypatch.setattr(sweep, "run_one", fake_run_one)
@@ -159,21 +166,23 @@ def test_the_report_writes_the_table_and_three_figures(handmade, monkeypatch):
     medians, *per_cell = (out / "sweep.md").read_text().split("\n\n")
     lines = medians.splitlines()
     assert len(lines) == 2 + 5
-    assert lines[0].startswith("| β | z | epochs | seeds | distortion | KL (rate) | active units | −ELBO | IW bound "
-                               "| as a classifier (%) | cond. acc. (%) | sample FID | train.py (s) |")
-    assert lines[2].startswith("| 0.5 | 2 | 10 | 3 | 30.10 (30.00–30.20) | 2.00 (1.00–5.00) |")  # not the mean
+    assert lines[0].startswith("| β | z | epochs | decoder | dropout | seeds | distortion | KL (rate) | active units "
+                               "| −ELBO | IW bound | −log p(x), nats | as a classifier (%) | cond. acc. (%) "
+                               "| sample FID | train.py (s) |")
+    assert lines[2].startswith("| 0.5 | 2 | 10 | gaussian | 0.25 | 3 | 30.10 (30.00–30.20) | 2.00 (1.00–5.00) |")
     assert "| 71.0 (70.0–74.0) |" in lines[3] and "| 2 (1–2) |" in lines[3]  # beta 1: FID, active units
-    assert lines[5].startswith("| 1 | 4 | 10 | 1 | 25.00 (25.00–25.00) | 5.00 (5.00–5.00) |")
-    assert lines[6].startswith("| 1 | 2 | 20 | 1 |") and lines[6].endswith("| – |")  # no train time measured
+    assert lines[5].startswith("| 1 | 4 | 10 | gaussian | 0.25 | 1 | 25.00 (25.00–25.00) | 5.00 (5.00–5.00) |")
+    assert lines[6].startswith("| 1 | 2 | 20 | gaussian | 0.25 | 1 |") and lines[6].endswith("| – |")  # no time
     # Then every run, cell by cell, a row per seed as bench/seeds.py prints it.
-    assert per_cell[0] == "β 0.5, z size 2, 10 epochs:" and per_cell[8] == "β 1, z size 2, 20 epochs:"
+    assert per_cell[0] == "β 0.5, z size 2, 10 epochs, gaussian decoder, dropout 0.25:"
+    assert per_cell[8] == "β 1, z size 2, 20 epochs, gaussian decoder, dropout 0.25:"
     beta_half = per_cell[1].splitlines()
     assert len(beta_half) == 2 + 3 and [row.split(" | ")[0] for row in beta_half[2:]] == ["| 0", "| 1", "| 2"]
     assert beta_half[0] == ("| seed | train.py (s) | distortion | KL (rate) | MSE/pixel | active units | KL per dim "
-                            "| −ELBO | IW bound | as a classifier | prior | cond. acc. | sample FID | recon FID "
-                            "| FID gap | N(0,I) acc. | N(0,I) FID |")
-    assert beta_half[3].startswith("| 1 | 60.0 | 30.10 | 2.00 | 0.0300 | 2 | 1.50, 1.50 | 30.00 | 31.00 | 50.0% "
-                                   "| fitted | 91.00% | 61.0 | 69.0 | +1.4% |")  # seed 1's numbers
+                            "| −ELBO | IW bound | −log p(x|y), nats | −log p(x), nats | as a classifier | prior "
+                            "| cond. acc. | sample FID | recon FID | FID gap | N(0,I) acc. | N(0,I) FID |")
+    assert beta_half[3].startswith("| 1 | 60.0 | 30.10 | 2.00 | 0.0300 | 2 | 1.50, 1.50 | 30.00 | 31.00 | 478.20 "
+                                   "| 480.50 | 50.0% | fitted | 91.00% | 61.0 | 69.0 | +1.4% |")  # seed 1's
 
     # Rate against distortion: every run a point, and dashed lines of equal distortion + rate.
     ax = figures["rate_distortion.png"].axes[0]
@@ -208,8 +217,9 @@ def test_the_report_covers_only_the_runs_of_the_grids_and_seeds_asked_for(handma
     out = csv_path.parent
     assert sweep.main(["--report-only", "--grid", "beta", "--seeds", "0", "1", "--out-dir", str(out)]) == 0
     lines = median_lines(out)
-    assert [line.split(" | ")[:4] for line in lines[2:]] == [["| 0.5", "2", "10", "2"], ["| 1", "2", "10", "2"],
-                                                            ["| 2", "2", "10", "2"]]
+    assert [line.split(" | ")[:6] for line in lines[2:]] == [["| 0.5", "2", "10", "gaussian", "0.25", "2"],
+                                                            ["| 1", "2", "10", "gaussian", "0.25", "2"],
+                                                            ["| 2", "2", "10", "gaussian", "0.25", "2"]]
     assert "| 60.5 (60.0–61.0) |" in lines[2]  # beta 0.5: the FID of seeds 0 and 1 only (seed 2's is 64)
     assert sweep.main(["--report-only", "--out-dir", str(out)]) == 0  # the default: every grid on seeds 0 1 2
     assert len(median_lines(out)) == 2 + 5
@@ -224,28 +234,36 @@ def test_betas_picks_cells_for_the_commands_and_the_report(handmade, capsys):
                                                     train_line(out, data, "1", 2, 10, 3)]
     assert sweep.main(["--report-only", "--betas", "2", "--out-dir", str(out)]) == 0
     lines = median_lines(out)
-    assert [line.split(" | ")[:4] for line in lines[2:]] == [["| 2", "2", "10", "3"]]
+    assert [line.split(" | ")[:6] for line in lines[2:]] == [["| 2", "2", "10", "gaussian", "0.25", "3"]]
+
+
+NEWER = ("likelihood", "dropout", "nll", "marginal_nll", "fid_gap")  # columns added after the first sweep
 
 
 def test_a_csv_from_before_a_column_existed_still_reads_and_grows_without_shifting(tmp_path):
-    """A results.csv written before "fid_gap" existed: its rows read that number as missing, a new row adds the
-    column at the end (the old rows empty there, every other cell under its own header), and the report still
-    writes."""
+    """A results.csv written before the decoder's likelihood, its dropout and some numbers were columns: its rows read
+    those numbers as missing and those settings as the defaults they had (the Gaussian decoder, dropout 0.25); a new
+    row adds the columns at the end (the old rows empty there, every other cell under its own header), and the report
+    still writes."""
     path = tmp_path / "results.csv"
     old = result_row(1.0, 2, 10, 0, fid=70.0)
-    old_fields = [name for name in sweep.FIELDS if name != "fid_gap"]
+    old_fields = [name for name in sweep.FIELDS if name not in NEWER]
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=old_fields, extrasaction="ignore")
         writer.writeheader()
         writer.writerow(old)
     (before,) = sweep.read_results(path)
     assert np.isnan(before["fid_gap"]) and before["fid"] == 70.0 and before["kl_dims"] == [1.5, 1.5]
+    assert (before["likelihood"], before["dropout"]) == ("gaussian", 0.25)
+    assert list(sweep.cells_of([before])) == [sweep.DEFAULT]
 
-    sweep.append_row(path, {**result_row(1.0, 2, 10, 1, fid=80.0, fid_gap=0.25), "kl_dims": [1.25, 2.0]})
-    assert path.read_text().splitlines()[0].split(",") == [*old_fields, "fid_gap"]
+    new = result_row(2.0, 2, 10, 1, fid=80.0, fid_gap=0.25, likelihood="bernoulli", dropout=0.0)
+    sweep.append_row(path, {**new, "kl_dims": [1.25, 2.0]})
+    assert path.read_text().splitlines()[0].split(",") == [*old_fields, *[f for f in sweep.FIELDS if f in NEWER]]
     first, second = sweep.read_results(path)
-    assert {k: v for k, v in first.items() if k != "fid_gap"} == {k: v for k, v in before.items() if k != "fid_gap"}
-    assert np.isnan(first["fid_gap"])
+    assert {k: v for k, v in first.items() if k not in NEWER} == {k: v for k, v in before.items() if k not in NEWER}
+    assert np.isnan(first["fid_gap"]) and (first["likelihood"], first["dropout"]) == ("gaussian", 0.25)
+    assert (second["likelihood"], second["dropout"], second["kl_weight"]) == ("bernoulli", 0.0, 2.0)
     assert (second["seed"], second["fid"], second["fid_gap"], second["kl_dims"]) == (1, 80.0, 0.25, [1.25, 2.0])
     assert sweep.write_table([first, second], tmp_path / "sweep.md").is_file()
     assert "| 0 | 60.0 |" in (tmp_path / "sweep.md").read_text()  # the old row, its missing gap shown as "–"
