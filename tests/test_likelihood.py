@@ -20,6 +20,7 @@ from classifier import features_and_predictions, fid, load_judge
 from dataset import MNISTDataModule, TensorPairDataset, binarize, load_split, load_test_set, to_float_images
 from model import CVAE, elbo_loss, load_cvae, reconstruction_nll
 from prior import fit_gmm_prior
+from test_options import Probe  # records every training step's loss and a replay of its forward pass
 
 EPOCHS, KEEP_EVERY, STEPS, BATCH, SEED = 3, 2, 4, 50, 5
 FLAGS = ["--likelihood", "bernoulli", "--dropout", "0", "--keep-every", str(KEEP_EVERY), "--epochs", str(EPOCHS),
@@ -71,29 +72,6 @@ def test_training_batches_are_drawn_afresh_from_the_seeded_global_rng(data_dir):
 
 
 # ----- a Bernoulli run: flags, data, loss, prior, checkpoints ---------------------------------------------------------
-class Probe(train.Callback):
-    """What the run served and optimised: every training batch with its loss and a replay of its forward pass, the
-    data module."""
-
-    def __init__(self) -> None:
-        self.steps: list[dict] = []
-
-    def on_fit_start(self, trainer, module) -> None:
-        self.data = trainer.datamodule
-
-    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
-        self.rng, self.batch = torch.get_rng_state(), batch
-
-    def on_before_backward(self, trainer, module, loss) -> None:
-        after = torch.get_rng_state()
-        torch.set_rng_state(self.rng)
-        with torch.no_grad():
-            x, y = self.batch
-            recon, mean, logvar = module(x, y)
-        torch.set_rng_state(after)
-        self.steps.append(dict(loss=loss.item(), x=x, recon=recon, mean=mean, logvar=logvar))
-
-
 @pytest.fixture(scope="module")
 def bernoulli_run(data_dir, tmp_path_factory) -> SimpleNamespace:
     tmp = tmp_path_factory.mktemp("bernoulli")
@@ -130,7 +108,7 @@ def test_the_run_trains_on_fresh_binary_batches_with_the_bernoulli_loss(bernoull
     drawn = [{tuple(image.flatten().nonzero().flatten().tolist()) for s in steps[e * STEPS:(e + 1) * STEPS]
               for image in s["x"]} for e in range(EPOCHS)]
     assert len(drawn[0]) == STEPS * BATCH and not drawn[0] & drawn[1]
-    data = bernoulli_run.probe.data
+    data = bernoulli_run.probe.trainer.datamodule
     assert data.splits["train"].binarize and data.splits["train"].pixels.unique().numel() > 2  # held grey
     for split in ("val", "test"):
         held = data.splits[split]
@@ -140,7 +118,7 @@ def test_the_run_trains_on_fresh_binary_batches_with_the_bernoulli_loss(bernoull
 
 
 def test_the_prior_is_fitted_to_the_fixed_binarization_of_the_training_images(bernoulli_run):
-    model, data = load_cvae(bernoulli_run.ckpt), bernoulli_run.probe.data
+    model, data = load_cvae(bernoulli_run.ckpt), bernoulli_run.probe.trainer.datamodule
     labels = data.splits["train"].labels
     binary = model.posterior_means(binarize(data.splits["train"].pixels), labels)
     expected = fit_gmm_prior(binary, labels, 10, "per-class", 1, seed=SEED)
