@@ -302,13 +302,20 @@ def generation_metrics(outputs: Outputs) -> dict[str, dict[str, Any]]:
     return generation
 
 
+def reconstruction_accuracy(outputs: Outputs) -> float:
+    """How often the judge reads a test image's reconstruction as its label: the conditional accuracy that samples
+    from a perfect prior would reach with this decoder."""
+    return (outputs.reconstructed.predictions == outputs.labels).double().mean().item()
+
+
 def evaluate(model: CVAE, outputs: Outputs, seed: int = 0, iw_samples: int = IW_SAMPLES,
              classify_per_digit: int = CLASSIFY_PER_DIGIT, classify_iw_samples: int = CLASSIFY_IW_SAMPLES
              ) -> dict[str, Any]:
     """Every number test.py reports, for one model and its `outputs` (model_outputs), as a JSON-ready dict: "test"
     (elbo_terms), "latent" (latent_metrics), "likelihood" (likelihood_metrics), "generative_classification",
     "generation" (generation_metrics, per prior), "reconstruction_fid" (the reconstructions against the test images,
-    a floor for the sample FID) and "prior_used" (the prior samples.png and the headline numbers use).
+    a floor for the sample FID), "reconstruction_accuracy" (the judge's accuracy on them, the mark for the samples'
+    conditional accuracy) and "prior_used" (the prior samples.png and the headline numbers use).
 
     log p(x | y) under every label is bounded once, with `classify_iw_samples` samples, for `classify_per_digit`
     test images of each digit (balanced_subset): the generative classifier and the marginal -log p(x) share it."""
@@ -330,6 +337,7 @@ def evaluate(model: CVAE, outputs: Outputs, seed: int = 0, iw_samples: int = IW_
                                                                classify_iw_samples),
         "generation": generation_metrics(outputs),
         "reconstruction_fid": fid(outputs.reconstructed.features, outputs.test.features),
+        "reconstruction_accuracy": reconstruction_accuracy(outputs),
     }
 
 
@@ -413,6 +421,8 @@ REPORT: tuple[tuple[Callable[[dict], str], tuple[Entry, ...]], ...] = (
         Entry("accuracy per digit", lambda m: _used(m)["per_digit"], fmt=".1f", scale=100, unit="%"),
         Entry("reconstruction FID (posterior means decoded)", lambda m: m["reconstruction_fid"], fmt=".1f",
               key="recon_fid", header="recon FID"),
+        Entry("the judge's accuracy on the reconstructions", lambda m: m["reconstruction_accuracy"], fmt=".2f",
+              scale=100, unit="%", key="recon_accuracy", header="recon acc."),
         Entry("sample FID over reconstruction FID", _fid_gap,
               fmt="+.1f", scale=100, unit="%", key="fid_gap", header="FID gap"),
         Entry("conditional accuracy, N(0, I)", lambda m: m["generation"]["standard"]["conditional_accuracy"],

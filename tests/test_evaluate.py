@@ -138,8 +138,10 @@ def test_metrics_match_an_independent_recomputation(results, tiny_ckpt, test_set
             assert g["conditional_accuracy"] == pytest.approx(hits.mean().item(), abs=1e-12)
             assert g["per_digit"] == pytest.approx([hits[wanted == c].mean().item() for c in range(10)], abs=1e-12)
             assert g["fid"] == pytest.approx(reference_fid(feats, test_feats), rel=1e-4)
-        assert numbers["reconstruction_fid"] == pytest.approx(
-            reference_fid(digit_cnn.features(mean_recon.reshape(-1, 1, 28, 28)), test_feats), rel=1e-4)
+        recon_feats = digit_cnn.features(mean_recon.reshape(-1, 1, 28, 28))
+        assert numbers["reconstruction_fid"] == pytest.approx(reference_fid(recon_feats, test_feats), rel=1e-4)
+        assert numbers["reconstruction_accuracy"] == pytest.approx(
+            (digit_cnn.classify(recon_feats).argmax(1) == labels).double().mean().item(), abs=1e-12)
 
     # The likelihood bounds: -ELBO = recon + KL; the IW bound with k samples is tighter (lower); nats add 392 ln(pi).
     lk = numbers["likelihood"]
@@ -191,6 +193,7 @@ def test_the_report_and_the_summary_rows_carry_the_numbers_of_metrics_json(resul
         "class_accuracy": numbers["generative_classification"]["accuracy"], "prior": "fitted",
         "accuracy": gen["fitted"]["conditional_accuracy"], "fid": gen["fitted"]["fid"],
         "recon_fid": numbers["reconstruction_fid"], "fid_gap": gen["fitted"]["fid"] / numbers["reconstruction_fid"] - 1,
+        "recon_accuracy": numbers["reconstruction_accuracy"],
         "standard_accuracy": gen["standard"]["conditional_accuracy"], "standard_fid": gen["standard"]["fid"]}
     lines = {line.strip()[:48].strip(): line[50:].strip() for line in metrics.report(numbers).splitlines()
              if line.startswith("  ")}

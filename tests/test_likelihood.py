@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import io
 import math
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -22,6 +23,7 @@ from model import CVAE, elbo_loss, load_cvae, reconstruction_nll
 from prior import fit_gmm_prior
 from test_options import Probe  # records every training step's loss and a replay of its forward pass
 
+ROOT = Path(__file__).resolve().parents[1]
 EPOCHS, KEEP_EVERY, STEPS, BATCH, SEED = 3, 2, 4, 50, 5
 FLAGS = ["--likelihood", "bernoulli", "--dropout", "0", "--keep-every", str(KEEP_EVERY), "--epochs", str(EPOCHS),
          "--train-size", str(STEPS * BATCH), "--val-size", "100", "--batch-size", str(BATCH), "--seed", str(SEED),
@@ -216,3 +218,36 @@ def test_a_resumed_bernoulli_run_ends_with_the_weights_of_an_uninterrupted_one(d
         assert train.main([*common, "--epochs", "2", "--resume", *b]) == 0
     a, b = load_cvae(tmp_path / "a.ckpt").state_dict(), load_cvae(tmp_path / "b.ckpt").state_dict()
     assert all(torch.equal(a[name], b[name]) for name in a)
+
+
+# ----- bench/likelihood.py ---------------------------------------------------------------------------------------------
+def test_the_bench_refines_only_the_labels_close_to_the_best_and_prints_a_row_per_sample_count(
+        bernoulli_run, data_dir, capsys):
+    import sys
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    import likelihood as bench
+
+    model = load_cvae(bernoulli_run.ckpt)
+    images = model.observe(load_test_set(data_dir)[0][:12])
+    screened = metrics.log_likelihood_per_label(model, images, iw_samples=3)
+    margin = float((screened.max(dim=1).values - screened.median(dim=1).values).median())  # about half the labels
+    refined, count = bench.refine(model, images, screened, samples=40, margin=margin, seed=1)
+    close = screened >= screened.max(dim=1, keepdim=True).values - margin
+    assert count == int(close.sum()) and 12 < count < 120
+    assert torch.equal(refined[~close], screened[~close]) and (refined[close] != screened[close]).all()
+    pairs = images[close.nonzero()[:, 0]]
+    labels = close.nonzero()[:, 1]
+    want = -metrics.iw_bound(model, pairs, labels, *model.posterior(pairs, labels), 40, 1, batch_size=500)
+    torch.testing.assert_close(refined[close], want)  # batches of 20,000 decodes: 500 pairs of 40 samples
+
+    assert bench.main(["--ckpt", str(bernoulli_run.ckpt), "--data-dir", str(data_dir), "--images", "12",
+                       "--screen-samples", "3", "--compare", "10", "20", "--margin", "1e9"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith(f"| {bernoulli_run.ckpt}")]
+    assert [row.split(" | ")[4] for row in rows] == ["10", "20"]
+    assert all(row.split(" | ")[7] == "10.00" for row in rows)  # a margin that large refines every label
+    subset = torch.randperm(10_000, generator=torch.Generator().manual_seed(0))[:12]
+    observed = model.observe(load_test_set(data_dir)[0])[subset]
+    screened = metrics.log_likelihood_per_label(model, observed, iw_samples=3)
+    all_refined, _ = bench.refine(model, observed, screened, 10, 1e9, 1)
+    assert float(rows[0].split(" | ")[5]) == pytest.approx(metrics.marginal_nll(all_refined).mean().item(), abs=0.006)

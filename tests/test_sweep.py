@@ -37,7 +37,8 @@ def result_row(beta: float, latent: int, epochs: int, seed: int, ckpt: Path | st
            "epochs": epochs, "likelihood": "gaussian", "dropout": 0.25, "seed": seed, "train_s": 60.0, "recon": 27.0,
            "kl": 3.0, "mse": 0.03, "active_units": latent, "kl_dims": "1.5 1.5", "neg_elbo": 30.0,
            "iw_bound": 29.5, "nll": 478.2, "marginal_nll": 480.5, "class_accuracy": 0.9,
-           "prior": "fitted", "accuracy": 0.99, "fid": 70.0, "recon_fid": 69.0, "fid_gap": 70 / 69 - 1,
+           "prior": "fitted", "accuracy": 0.99, "fid": 70.0, "recon_fid": 69.0, "recon_accuracy": 0.995,
+           "fid_gap": 70 / 69 - 1,
            "standard_accuracy": 0.98, "standard_fid": 75.0, "ckpt": str(ckpt), "train_args": ""}
     row.update(numbers)
     assert list(row) == list(sweep.FIELDS)
@@ -180,9 +181,9 @@ def test_the_report_writes_the_table_and_three_figures(handmade, monkeypatch):
     assert len(beta_half) == 2 + 3 and [row.split(" | ")[0] for row in beta_half[2:]] == ["| 0", "| 1", "| 2"]
     assert beta_half[0] == ("| seed | train.py (s) | distortion | KL (rate) | MSE/pixel | active units | KL per dim "
                             "| −ELBO | IW bound | −log p(x|y), nats | −log p(x), nats | as a classifier | prior "
-                            "| cond. acc. | sample FID | recon FID | FID gap | N(0,I) acc. | N(0,I) FID |")
+                            "| cond. acc. | sample FID | recon FID | recon acc. | FID gap | N(0,I) acc. | N(0,I) FID |")
     assert beta_half[3].startswith("| 1 | 60.0 | 30.10 | 2.00 | 0.0300 | 2 | 1.50, 1.50 | 30.00 | 31.00 | 478.20 "
-                                   "| 480.50 | 50.0% | fitted | 91.00% | 61.0 | 69.0 | +1.4% |")  # seed 1's
+                                   "| 480.50 | 50.0% | fitted | 91.00% | 61.0 | 69.0 | 99.50% | +1.4% |")  # seed 1's
 
     # Rate against distortion: every run a point, and dashed lines of equal distortion + rate.
     ax = figures["rate_distortion.png"].axes[0]
@@ -237,7 +238,7 @@ def test_betas_picks_cells_for_the_commands_and_the_report(handmade, capsys):
     assert [line.split(" | ")[:6] for line in lines[2:]] == [["| 2", "2", "10", "gaussian", "0.25", "3"]]
 
 
-NEWER = ("likelihood", "dropout", "nll", "marginal_nll", "fid_gap")  # columns added after the first sweep
+NEWER = ("likelihood", "dropout", "nll", "marginal_nll", "fid_gap", "recon_accuracy")  # added since the first sweep
 
 
 def test_a_csv_from_before_a_column_existed_still_reads_and_grows_without_shifting(tmp_path):
