@@ -80,6 +80,9 @@ def latent_name(dim: int, latent_dim: int) -> str:
 
 
 LIKELIHOODS = ("gaussian", "bernoulli")  # how the decoder's output scores an image: p(x | z, y)
+# The learning rate over a run, step by step: `lr` throughout; a one-cycle (Smith & Topor 2019) warm-up from lr / 25
+# to the peak `lr` over the first 30 % of the steps and a cosine decay to lr / 25e4; a cosine decay from `lr` to 0.
+LR_SCHEDULES = ("constant", "one-cycle", "cosine")
 
 
 def squared_error(recon: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -179,6 +182,7 @@ class CVAE(pl.LightningModule):
         kl_warmup_epochs: float = 2.0,
         free_bits: float = 0.0,
         likelihood: str = "gaussian",
+        lr_schedule: str = "constant",
     ):
         super().__init__()
         if latent_dim < 1 or num_classes < 1 or image_size < 1:
@@ -189,6 +193,8 @@ class CVAE(pl.LightningModule):
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         if likelihood not in LIKELIHOODS:
             raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
+        if lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {lr_schedule!r}")
         # Lists, not tuples, so the hyper-parameters in a checkpoint are plain YAML/JSON types.
         encoder_dims, decoder_dims = list(encoder_dims), list(decoder_dims)
         self.save_hyperparameters()
@@ -378,12 +384,22 @@ class CVAE(pl.LightningModule):
         # The fused kernel does the same Adam update in one pass over the parameters, which is faster
         # (bench/README.md).
         fused = self.device.type in ("cpu", "cuda")
-        return torch.optim.Adam(self.parameters(), lr=self.hparams.lr, fused=fused or None)
+        optimizer = torch.optim.Adam(self.parameters(), lr=self.hparams.lr, fused=fused or None)
+        schedule, lr = self.hparams.lr_schedule, self.hparams.lr
+        if schedule == "constant":
+            return optimizer
+        steps = self.trainer.estimated_stepping_batches  # the whole run: max_epochs x the batches of an epoch
+        if schedule == "one-cycle":
+            scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps)
+        else:
+            scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ----- checkpoint extras (plain tensors only, so weights_only loading works) ---------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.fitted_prior is not None:
             checkpoint["fitted_prior"] = self.fitted_prior
+        checkpoint["max_epochs"] = self.trainer.max_epochs  # a learning-rate schedule spans the run's epochs
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.fitted_prior = load_prior(checkpoint.get("fitted_prior"), self.hparams.num_classes,

@@ -25,7 +25,7 @@ from torchvision.utils import make_grid
 from checkpoint import AtomicCheckpointIO, CheckpointError, safe_torch_load
 from cli import DEFAULT_CKPT, DEFAULT_RUN_DIR, ArgParser, UsageError, bounded, check_data_dir, check_output_file, fail
 from dataset import DEFAULT_DATA_DIR, TRAIN_SIZE, DataError, MNISTDataModule
-from model import CVAE, LIKELIHOODS, metric_names
+from model import CVAE, LIKELIHOODS, LR_SCHEDULES, metric_names
 from prior import MIXTURE_KINDS, FitPrior
 
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")
@@ -65,7 +65,12 @@ def build_parser() -> ArgParser:
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=bounded(int, 1), default=10, help="number of epochs")
     g.add_argument("--batch-size", type=bounded(int, 1), default=DATA["batch_size"], help="batch size (per process)")
-    g.add_argument("--lr", type=bounded(float, 0, low_open=True), default=MODEL["lr"], help="Adam learning rate")
+    g.add_argument("--lr", type=bounded(float, 0, low_open=True), default=MODEL["lr"],
+                   help="Adam's learning rate: the rate throughout (constant), the peak (one-cycle) or the start "
+                        "(cosine)")
+    g.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=MODEL["lr_schedule"],
+                   help="the rate over the run, step by step: constant; one-cycle (from lr/25 up to lr over the first "
+                        "30%% of the steps, then down to lr/25e4); cosine (from lr down to 0)")
     g.add_argument("--seed", type=bounded(int, 0), default=0, help="random seed (weights, split, shuffling)")
     g = p.add_argument_group("data")
     g.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR, help="where MNIST is (or is written)")
@@ -122,9 +127,10 @@ def last_checkpoint(run_dir: Path) -> Path:
     return run_dir / "checkpoints" / "last.ckpt"
 
 
-def check_resumable(checkpoint: dict, model, path: Path) -> None:
-    """Raise CheckpointError unless `checkpoint` is a per-epoch checkpoint of a run with this model's settings.
-    Lightning would fail deep inside fit (a size-mismatch traceback), or quietly keep the old learning rate."""
+def check_resumable(checkpoint: dict, model, path: Path, epochs: int) -> None:
+    """Raise CheckpointError unless `checkpoint` is a per-epoch checkpoint of a run with this model's settings (and,
+    under a learning-rate schedule, these `epochs`, which the schedule spans). Lightning would fail deep inside fit (a
+    size-mismatch traceback, a schedule stepped past its end), or quietly keep the old learning rate."""
     if not {"epoch", "loops", "optimizer_states"} <= checkpoint.keys():
         raise CheckpointError(f"{path} holds no training state (epoch, loops, optimizer); only a per-epoch "
                               f"checkpoint written by train.py can be resumed")
@@ -137,6 +143,10 @@ def check_resumable(checkpoint: dict, model, path: Path) -> None:
     if differ:
         raise CheckpointError(f"{path} was trained with other settings ({'; '.join(differ)}); resume with the "
                               f"flags of the original run")
+    planned = checkpoint.get("max_epochs")
+    if model.hparams.lr_schedule != "constant" and planned != epochs:
+        raise CheckpointError(f"{path} follows a {model.hparams.lr_schedule} learning-rate schedule over {planned} "
+                              f"epochs; resume with --epochs {planned}")
 
 
 class RNGState(Callback):
@@ -252,7 +262,8 @@ def build_trainer(args, callbacks: list[Callback] | None = None) -> pl.Trainer:
 def build_model(args) -> CVAE:
     """The CVAE that train.py's flags describe."""
     model = CVAE(latent_dim=args.latent_dim, dropout=args.dropout, lr=args.lr, kl_weight=args.kl_weight,
-                 kl_warmup_epochs=args.kl_warmup_epochs, free_bits=args.free_bits, likelihood=args.likelihood)
+                 kl_warmup_epochs=args.kl_warmup_epochs, free_bits=args.free_bits, likelihood=args.likelihood,
+                 lr_schedule=args.lr_schedule)
     if args.compile:
         # In place, so the state_dict keys (and checkpoints) are the same as without compiling.
         model.encoder.compile()
@@ -298,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
         ckpt_path = last_checkpoint(args.run_dir)
         try:
             resumed = safe_torch_load(ckpt_path)
-            check_resumable(resumed, model, ckpt_path)
+            check_resumable(resumed, model, ckpt_path, args.epochs)
             done = resumed["epoch"] + 1
         except (CheckpointError, KeyError) as err:
             fail(f"cannot resume: {err}")
