@@ -18,6 +18,8 @@ can run the app in-process.
 from __future__ import annotations
 
 import errno
+import functools
+import inspect
 import os
 import socket
 import sys
@@ -52,6 +54,7 @@ MIN_SIDE, MAX_SIDE = 8, 4096   # accepted upload sizes, pixels per side
 CONCURRENCY = 2
 QUEUE_SIZE = 1024      # waiting events before new ones are turned away
 MAX_UPLOAD = "10mb"
+MANIFOLDS_KEPT = 64    # manifold grids kept per explorer (digits x values of the other dimensions)
 
 THEME = gr.themes.Soft(primary_hue="indigo", secondary_hue="orange",
                        # Local fonts: the page must not fetch Google Fonts (no outbound calls).
@@ -200,11 +203,12 @@ class ImageUpload(gr.Image):
 
 
 class Explorer:
-    """Every picture the page shows, as a plain function of (digit, z0, z1), for one model.
+    """Every picture the page shows, as a plain function of the digit and the latent code, for one model.
 
-    z is the model's latent vector with z0 and z1, the sliders, in the dimensions `dims` (default: the first two;
-    slider_dims picks the most informative ones) and every other dimension fixed at 0, the prior's mean. All decoding
-    runs under inference_mode on a model in eval mode and never changes its mode, so concurrent requests are safe.
+    The sliders z0 and z1 set the code in the dimensions `dims` (default: the first two; slider_dims picks the two most
+    informative ones). The endpoints of (digit, z0, z1) fix every other dimension at 0, the prior's mean; the "code"
+    endpoints take a value for every dimension (a latent wider than 2 has a slider for each). All decoding runs under
+    inference_mode on a model in eval mode and never changes its mode, so concurrent requests are safe.
     """
 
     def __init__(self, model, dims: tuple[int, ...] | None = None):
@@ -214,14 +218,16 @@ class Explorer:
         # The sliders' names: z0 and z1 when they are the whole code, else the index they set, e.g. z[3] (a 1-D
         # latent's z1 slider is hidden).
         self.names = tuple(latent_name(i, self.latent_dim) for i in (self.dims if len(self.dims) == 2 else (0, 1)))
+        self.others = tuple(i for i in range(self.latent_dim) if i not in self.dims)  # dimensions without z0, z1
         self.num_classes: int = model.hparams.num_classes
         self.side: int = model.hparams.image_size
         self.prior: str = model.resolve_prior("auto")
-        self._manifolds: dict[int, np.ndarray] = {}  # digit -> grey manifold without marker
+        self._manifolds: dict[tuple, np.ndarray] = {}  # (digit, the other dimensions' values) -> grey manifold
 
-    def latent(self, z0: float, z1: float, n: int = 1) -> torch.Tensor:
-        """(n, latent_dim): z0, z1 in the slider dimensions, 0 elsewhere (z1 dropped for a 1-D latent)."""
-        z = torch.zeros(n, self.latent_dim)
+    def latent(self, z0: float, z1: float, n: int = 1, base: torch.Tensor | None = None) -> torch.Tensor:
+        """(n, latent_dim): z0, z1 in the slider dimensions, elsewhere `base`'s values (latent_dim,), default 0 (z1
+        dropped for a 1-D latent)."""
+        z = torch.zeros(n, self.latent_dim) if base is None else base.reshape(1, -1).repeat(n, 1)
         z[:, self.dims[0]] = z0
         if self.latent_dim > 1:
             z[:, self.dims[1]] = z1
@@ -232,6 +238,12 @@ class Explorer:
         latent)."""
         return float(z[self.dims[0]]), float(z[self.dims[1]]) if self.latent_dim > 1 else 0.0
 
+    def code(self, values: tuple) -> torch.Tensor:
+        """One value per latent dimension, each checked as a slider's, as a (latent_dim,) code."""
+        if len(values) != self.latent_dim:
+            raise bad_input(f"expected {self.latent_dim} values of z, one per dimension, got {len(values)}")
+        return torch.tensor([check_z(v, latent_name(i, self.latent_dim)) for i, v in enumerate(values)])
+
     def decode(self, z: torch.Tensor, labels: list[int], columns: int = 1) -> np.ndarray:
         """Decode (N, latent_dim) codes under N labels and lay the images out `columns` to a row, edge to edge: a
         (rows * side, columns * side) uint8 image."""
@@ -240,7 +252,7 @@ class Explorer:
         grid = make_grid(x.reshape(-1, 1, self.side, self.side), nrow=columns, padding=0)  # (3, H, W), grey
         return to_uint8(grid[0])
 
-    # ----- the named endpoints ---------------------------------------------------------------------------------
+    # ----- the named endpoints of (digit, z0, z1) --------------------------------------------------------------
     def generate(self, digit: int, z0: float, z1: float) -> np.ndarray:
         """Decode one digit at (z0, z1): the model's own (28, 28) uint8 image. The page scales it up with CSS
         (pixelated, so every model pixel is a crisp square): a slider drag streams these, and a small PNG is quicker
@@ -252,17 +264,84 @@ class Explorer:
     def style_row(self, z0: float, z1: float) -> np.ndarray:
         """The same z decoded under every label, left to right 0..9: a (28 * 4, 10 * 28 * 4) uint8 image."""
         z0, z1 = check_z(z0, "z0"), check_z(z1, "z1")
-        row = self.decode(self.latent(z0, z1, self.num_classes), list(range(self.num_classes)), self.num_classes)
-        return upscale(row, ROW_SCALE)
+        return self.row(self.latent(z0, z1)[0])
 
     def manifold(self, digit: int, z0: float, z1: float) -> np.ndarray:
         """The digit's decodes over the slider square (z0 left to right, z1 bottom to top) with a marker at (z0, z1):
         a (GRID * 28, GRID * 28, 3) uint8 RGB image."""
         digit = check_digit(digit, self.num_classes)
         z0, z1 = check_z(z0, "z0"), check_z(z1, "z1")
-        grid = self._manifolds.get(digit)
-        if grid is None:  # a race here only computes the same picture twice
-            grid = self._manifolds[digit] = self.manifold_grid(digit)
+        return self.marked(self.manifold_grid(digit), z0, z1)
+
+    def random_z(self, digit: int) -> tuple[float, float]:
+        """Draw z for this digit from the model's prior (the fitted one when the checkpoint has it); returns its
+        coordinates in the slider dimensions, clamped to the slider range."""
+        z0, z1 = self.slider_values(self.draw(digit))
+        return to_slider(z0), to_slider(z1)
+
+    def style_transfer(self, image: str | None, digit: int) -> tuple[np.ndarray, float, float]:
+        """Encode a picture of `digit` (a file path) and return (style row at its z, z0, z1)."""
+        z0, z1 = self.on_sliders(self.encode_file(image, digit))
+        return self.style_row(z0, z1), z0, z1
+
+    def style_transfer_sketch(self, sketch: dict | None, digit: int) -> tuple[np.ndarray, float, float]:
+        """The same from the sketchpad: its value is {"background", "layers", "composite"} as numpy arrays."""
+        z0, z1 = self.on_sliders(self.encode_sketch(sketch, digit))
+        return self.style_row(z0, z1), z0, z1
+
+    # ----- the endpoints of the whole code (a latent wider than 2) ---------------------------------------------
+    def generate_code(self, digit: int, *code: float) -> np.ndarray:
+        """generate, with a value for every latent dimension."""
+        digit = check_digit(digit, self.num_classes)
+        return self.decode(self.code(code)[None], [digit])
+
+    def style_row_code(self, *code: float) -> np.ndarray:
+        """style_row, with a value for every latent dimension."""
+        return self.row(self.code(code))
+
+    def manifold_code(self, digit: int, *code: float) -> np.ndarray:
+        """manifold over the slider square with the other dimensions at the code's values, the marker at its z0, z1."""
+        digit = check_digit(digit, self.num_classes)
+        z = self.code(code)
+        return self.marked(self.manifold_grid(digit, z), *self.slider_values(z))
+
+    def random_code(self, digit: int) -> tuple[float, ...]:
+        """A whole code for this digit from the model's prior, every value clamped to the slider range."""
+        return tuple(to_slider(v) for v in self.draw(digit).tolist())
+
+    def style_transfer_code(self, image: str | None, digit: int) -> tuple:
+        """Encode a picture of `digit` (a file path): (style row at its whole code, one value per dimension)."""
+        return self.transfer_code(self.encode_file(image, digit))
+
+    def style_transfer_sketch_code(self, sketch: dict | None, digit: int) -> tuple:
+        """The same from the sketchpad."""
+        return self.transfer_code(self.encode_sketch(sketch, digit))
+
+    # ----- the parts the endpoints share -----------------------------------------------------------------------
+    def row(self, z: torch.Tensor) -> np.ndarray:
+        """The code z (latent_dim,) decoded under every label, upscaled: a (28 * 4, 10 * 28 * 4) uint8 image."""
+        labels = list(range(self.num_classes))
+        return upscale(self.decode(z.repeat(self.num_classes, 1), labels, self.num_classes), ROW_SCALE)
+
+    def manifold_grid(self, digit: int, base: torch.Tensor | None = None) -> np.ndarray:
+        """(GRID * 28, GRID * 28) uint8: cell (row i, column j) decodes z0 = centre of column j, z1 = centre of row i
+        counted from the bottom, the other dimensions at `base`'s values (default 0); the cells tile the slider square
+        exactly. One row for a 1-D latent. Kept per digit and values of the other dimensions."""
+        base = torch.zeros(self.latent_dim) if base is None else base
+        key = (digit, tuple(base[list(self.others)].tolist()))
+        if key not in self._manifolds:  # a race here only computes the same picture twice
+            centres = (np.arange(GRID) + 0.5) / GRID * 2 * Z_RANGE - Z_RANGE
+            z1s = centres[::-1] if self.latent_dim > 1 else np.zeros(1)
+            z0_grid, z1_grid = np.meshgrid(centres, z1s)  # (rows, GRID), row 0 = highest z1
+            z = self.latent(torch.from_numpy(z0_grid.ravel()).float(), torch.from_numpy(z1_grid.ravel()).float(),
+                            z0_grid.size, base)
+            if len(self._manifolds) >= MANIFOLDS_KEPT:
+                self._manifolds.clear()
+            self._manifolds[key] = self.decode(z, [digit] * len(z), columns=GRID)
+        return self._manifolds[key]
+
+    def marked(self, grid: np.ndarray, z0: float, z1: float) -> np.ndarray:
+        """The manifold grid in RGB with a marker at (z0, z1)."""
         picture = Image.fromarray(grid).convert("RGB")
         height, width = grid.shape
         x = (z0 + Z_RANGE) / (2 * Z_RANGE) * width
@@ -274,52 +353,47 @@ class Explorer:
             draw.line((x + dx * r, y + dy * r, x + 2 * dx * r, y + 2 * dy * r), fill=MARKER, width=2)
         return np.asarray(picture)
 
-    def manifold_grid(self, digit: int) -> np.ndarray:
-        """(GRID * 28, GRID * 28) uint8: cell (row i, column j) decodes z0 = centre of column j, z1 = centre of row i
-        counted from the bottom; the cells tile the slider square exactly. One row for a 1-D latent."""
-        centres = (np.arange(GRID) + 0.5) / GRID * 2 * Z_RANGE - Z_RANGE
-        z1s = centres[::-1] if self.latent_dim > 1 else np.zeros(1)
-        z0_grid, z1_grid = np.meshgrid(centres, z1s)  # (rows, GRID), row 0 = highest z1
-        z = self.latent(torch.from_numpy(z0_grid.ravel()).float(), torch.from_numpy(z1_grid.ravel()).float(),
-                        z0_grid.size)
-        return self.decode(z, [digit] * len(z), columns=GRID)
-
-    def random_z(self, digit: int) -> tuple[float, float]:
-        """Draw z for this digit from the model's prior (the fitted one when the checkpoint has it); returns its
-        coordinates in the slider dimensions, clamped to the slider range."""
+    def draw(self, digit: int) -> torch.Tensor:
+        """A code (latent_dim,) for this digit from the model's prior (the fitted one when the checkpoint has it)."""
         digit = check_digit(digit, self.num_classes)
-        z = self.model.sample_z(torch.tensor([digit]), prior="auto")[0].cpu()
-        z0, z1 = self.slider_values(z)
-        return to_slider(z0), to_slider(z1)
+        return self.model.sample_z(torch.tensor([digit]), prior="auto")[0].cpu()
 
-    def style_transfer(self, image: str | None, digit: int) -> tuple[np.ndarray, float, float]:
-        """Encode a picture of `digit` (a file path) and return (style row at its z, z0, z1)."""
+    def encode_file(self, image: str | None, digit: int) -> torch.Tensor:
         digit = check_digit(digit, self.num_classes)
         if image is None:
             raise bad_input("no image: upload a picture of a digit first")
-        return self.transfer(open_image(image), digit)
+        return self.encode(open_image(image), digit)
 
-    def style_transfer_sketch(self, sketch: dict | None, digit: int) -> tuple[np.ndarray, float, float]:
-        """The same from the sketchpad: its value is {"background", "layers", "composite"} as numpy arrays."""
+    def encode_sketch(self, sketch: dict | None, digit: int) -> torch.Tensor:
         digit = check_digit(digit, self.num_classes)
         composite = sketch.get("composite") if isinstance(sketch, dict) else None
         if composite is None:
             raise bad_input("the drawing is empty: draw a digit first")
-        return self.transfer(Image.fromarray(np.asarray(composite, dtype=np.uint8)), digit)
+        return self.encode(Image.fromarray(np.asarray(composite, dtype=np.uint8)), digit)
 
-    def transfer(self, image: Image.Image, digit: int) -> tuple[np.ndarray, float, float]:
-        """Encode the picture as `digit` (posterior mean) and return (style row, z0, z1) at its slider position. A
-        Bernoulli model encodes the picture's fixed binarization, as it sees every image outside training."""
+    def encode(self, image: Image.Image, digit: int) -> torch.Tensor:
+        """The posterior mean (latent_dim,) of the picture as `digit`. A Bernoulli model encodes the picture's fixed
+        binarization, as it sees every image outside training."""
         x = self.model.observe(torch.from_numpy(to_mnist(image)).reshape(1, -1))
         with torch.inference_mode():
             mean, _ = self.model.encode(x.to(self.model.device), torch.tensor([digit]))
-        mean = mean[0].cpu()
-        raw = self.slider_values(mean)
+        return mean[0].cpu()
+
+    def on_sliders(self, z: torch.Tensor) -> tuple[float, float]:
+        """A code's z0, z1 on the sliders (clamped to their range, with a warning when that moved them)."""
+        raw = self.slider_values(z)
         z0, z1 = to_slider(raw[0]), to_slider(raw[1])
         if max(abs(raw[0]), abs(raw[1])) > Z_RANGE:
             gr.Warning(f"Its z = ({raw[0]:.2f}, {raw[1]:.2f}) lies outside the sliders' range; "
                        f"shown at the nearest edge ({z0:.2f}, {z1:.2f}).")
-        return self.style_row(z0, z1), z0, z1
+        return z0, z1
+
+    def transfer_code(self, z: torch.Tensor) -> tuple:
+        """(style row, one slider value per dimension) of an encoded code, clamped to the sliders' range."""
+        values = tuple(to_slider(v) for v in z.tolist())
+        if max(abs(v) for v in z.tolist()) > Z_RANGE:
+            gr.Warning(f"Part of its code lies outside the sliders' range of ±{Z_RANGE:g}; shown at the nearest edge.")
+        return (self.row(torch.tensor(values)), *values)
 
 
 def page_notes(explorer: Explorer) -> tuple[str, str]:
@@ -336,8 +410,9 @@ def page_notes(explorer: Explorer) -> tuple[str, str]:
         dims = "z is 2-D here: the two sliders are the whole latent code."
     else:
         dims = (f"This checkpoint has a {d}-D latent: the sliders set {' and '.join(explorer.names)}, the two "
-                f"dimensions whose posterior means vary most over the MNIST test set; the other {d - 2} stay "
-                f"fixed at 0, the prior's mean.")
+                f"dimensions whose posterior means vary most over the MNIST test set; the other {d - 2} have "
+                f"sliders of their own under *{OTHERS_TITLE}*. **Random z** draws a whole code, and encoding a "
+                f"digit sets every dimension.")
     return prior, dims
 
 
@@ -360,6 +435,7 @@ class Page:
     digit: gr.Radio
     z0: gr.Slider
     z1: gr.Slider
+    others: list[gr.Slider]  # a latent wider than 2: a slider for each of Explorer.others, in that order
     random_button: gr.Button
     image: gr.Image
     manifold: gr.Image
@@ -370,8 +446,14 @@ class Page:
     encode_upload: gr.Button
     label: gr.Radio
 
+    def code_sliders(self, explorer: Explorer) -> list[gr.Slider]:
+        """The sliders in latent order: the slider of z[i] at index i."""
+        by_dim = {explorer.dims[0]: self.z0, explorer.dims[1]: self.z1, **dict(zip(explorer.others, self.others))}
+        return [by_dim[i] for i in range(explorer.latent_dim)]
 
-START = (7, 0.0, 0.0)  # the digit, z0 and z1 the page opens with
+
+START = (7, 0.0, 0.0)  # the digit, z0 and z1 the page opens with (every other dimension at 0)
+OTHERS_TITLE = "The other dimensions of z"
 
 
 def build_app(model, dims: tuple[int, ...] | None = None) -> gr.Blocks:
@@ -398,6 +480,11 @@ def lay_out(explorer: Explorer) -> Page:
             digit = DigitRadio(digits, value=START[0], label="Digit", elem_id="digit")
             z0 = ZSlider(label=explorer.names[0], elem_id="z0", **slider)
             z1 = ZSlider(label=explorer.names[1], elem_id="z1", visible=explorer.latent_dim > 1, **slider)
+            others = []
+            if explorer.others:
+                with gr.Accordion(OTHERS_TITLE, open=False, elem_id="others"):
+                    others = [ZSlider(label=latent_name(i, explorer.latent_dim), elem_id=f"z-{i}", **slider)
+                              for i in explorer.others]
             random_button = gr.Button("Random z", variant="primary", elem_id="random")
             gr.Markdown(f"{prior_note}\n\nThe sliders span ±{Z_RANGE:g} standard deviations of N(0, I). "
                         f"{dims_note}")
@@ -434,31 +521,77 @@ def lay_out(explorer: Explorer) -> Page:
                 gr.Markdown("The encoder finds the z of your digit; the sliders jump there and the row above "
                             "shows the ten digits in your handwriting. Dark-on-light and light-on-dark both "
                             "work; the digit is centred and scaled the way MNIST was.")
-    return Page(digit, z0, z1, random_button, image, manifold, row, sketch, encode_sketch, upload, encode_upload,
-                label)
+    return Page(digit, z0, z1, others, random_button, image, manifold, row, sketch, encode_sketch, upload,
+                encode_upload, label)
+
+
+# One queue slot pool for everything that runs the model; the live pictures follow every change of digit or z (a slider
+# drag sends a stream of changes; "always_last" drops the ones that pile up while a request is running).
+MODEL_EVENT = dict(concurrency_limit=CONCURRENCY, concurrency_id="model")
+LIVE = dict(trigger_mode="always_last", show_progress="hidden", **MODEL_EVENT)
 
 
 def wire_events(explorer: Explorer, page: Page) -> None:
-    """Connect the components to the explorer's functions, naming the API endpoints; call inside the gr.Blocks."""
-    # One queue slot pool for everything that runs the model.
-    model_event = dict(concurrency_limit=CONCURRENCY, concurrency_id="model")
-    live = dict(trigger_mode="always_last", show_progress="hidden", **model_event)
+    """Connect the components to the explorer's functions, naming the API endpoints; call inside the gr.Blocks. The
+    page of a latent wider than 2 runs on the whole code (wire_code_events)."""
+    if page.others:
+        wire_code_events(explorer, page)
+        return
     digit, z0, z1 = page.digit, page.z0, page.z1
-    # Live view: the three pictures follow every change of digit or z (a slider drag sends a stream of changes;
-    # "always_last" drops the ones that pile up while a request is running).
     gr.on([digit.change, z0.change, z1.change], explorer.generate, [digit, z0, z1], page.image,
-          api_name="generate", **live)
-    gr.on([z0.change, z1.change], explorer.style_row, [z0, z1], page.row, api_name="style_row", **live)
+          api_name="generate", **LIVE)
+    gr.on([z0.change, z1.change], explorer.style_row, [z0, z1], page.row, api_name="style_row", **LIVE)
     gr.on([digit.change, z0.change, z1.change], explorer.manifold, [digit, z0, z1], page.manifold,
-          api_name="manifold", **live)
-    page.random_button.click(explorer.random_z, digit, [z0, z1], api_name="random_z", **model_event)
+          api_name="manifold", **LIVE)
+    page.random_button.click(explorer.random_z, digit, [z0, z1], api_name="random_z", **MODEL_EVENT)
     # Encoding sets the sliders (which redraw the pictures) and then shows the digit the user said it was.
     page.encode_upload.click(explorer.style_transfer, [page.upload, page.label], [page.row, z0, z1],
-                             api_name="style_transfer", **model_event
+                             api_name="style_transfer", **MODEL_EVENT
                              ).success(lambda d: d, page.label, digit, api_visibility="private", queue=False)
     page.encode_sketch.click(explorer.style_transfer_sketch, [page.sketch, page.label], [page.row, z0, z1],
-                             api_visibility="private", **model_event
+                             api_visibility="private", **MODEL_EVENT
                              ).success(lambda d: d, page.label, digit, api_visibility="private", queue=False)
+
+
+def wire_code_events(explorer: Explorer, page: Page) -> None:
+    """The page of a latent wider than 2: every event reads and sets a slider per dimension (the "code" endpoints,
+    their parameters z0 ... z{d-1} one per dimension). The endpoints of (digit, z0, z1) stay for API clients, on a
+    button the page does not show."""
+    digit, sliders = page.digit, page.code_sliders(explorer)
+    changes = [slider.change for slider in sliders]
+    code = [f"z{i}" for i in range(explorer.latent_dim)]
+    gr.on([digit.change, *changes], parameters(explorer.generate_code, "digit", *code), [digit, *sliders],
+          page.image, api_name="generate_code", **LIVE)
+    gr.on(changes, parameters(explorer.style_row_code, *code), sliders, page.row, api_name="style_row_code", **LIVE)
+    gr.on([digit.change, *changes], parameters(explorer.manifold_code, "digit", *code), [digit, *sliders],
+          page.manifold, api_name="manifold_code", **LIVE)
+    page.random_button.click(explorer.random_code, digit, sliders, api_name="random_code", **MODEL_EVENT)
+    page.encode_upload.click(explorer.style_transfer_code, [page.upload, page.label], [page.row, *sliders],
+                             api_name="style_transfer_code", **MODEL_EVENT
+                             ).success(lambda d: d, page.label, digit, api_visibility="private", queue=False)
+    page.encode_sketch.click(explorer.style_transfer_sketch_code, [page.sketch, page.label], [page.row, *sliders],
+                             api_visibility="private", **MODEL_EVENT
+                             ).success(lambda d: d, page.label, digit, api_visibility="private", queue=False)
+    api_only = gr.Button(visible=False)
+    z0, z1 = page.z0, page.z1
+    api_only.click(explorer.generate, [digit, z0, z1], page.image, api_name="generate", **MODEL_EVENT)
+    api_only.click(explorer.style_row, [z0, z1], page.row, api_name="style_row", **MODEL_EVENT)
+    api_only.click(explorer.manifold, [digit, z0, z1], page.manifold, api_name="manifold", **MODEL_EVENT)
+    api_only.click(explorer.random_z, digit, [z0, z1], api_name="random_z", **MODEL_EVENT)
+    api_only.click(explorer.style_transfer, [page.upload, page.label], [page.row, z0, z1],
+                   api_name="style_transfer", **MODEL_EVENT)
+
+
+def parameters(method, *names: str):
+    """`method` under a signature with these parameter names, which the API page and gradio_client show (a method
+    of *code would show param_1, param_2, ...)."""
+    @functools.wraps(method)
+    def call(*args):
+        return method(*args)
+
+    call.__signature__ = inspect.Signature([inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+                                            for n in names])
+    return call
 
 
 def launch(app: gr.Blocks, host: str = "127.0.0.1", port: int = 7860, block: bool = True) -> str:

@@ -399,7 +399,6 @@ class CVAE(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.fitted_prior is not None:
             checkpoint["fitted_prior"] = self.fitted_prior
-        checkpoint["max_epochs"] = self.trainer.max_epochs  # a learning-rate schedule spans the run's epochs
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.fitted_prior = load_prior(checkpoint.get("fitted_prior"), self.hparams.num_classes,

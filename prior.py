@@ -1,14 +1,21 @@
-"""The sampling prior, all of it: a Gaussian mixture fitted after training to the posterior means of the training set.
+"""The sampling prior, all of it: a density fitted after training to the posterior means of the training set.
 
 A VAE is trained so that the *aggregate* posterior q(z) = E_x q(z | x, y) matches N(0, I), but it never matches it
 exactly; decoding z ~ N(0, I) then lands partly in regions the decoder has rarely seen. Fitting a density to the
 training codes after training and sampling from it ("ex-post density estimation", Ghosh et al. 2020, "From
-Variational to Deterministic Autoencoders") closes most of that gap.
+Variational to Deterministic Autoencoders") closes most of that gap. The kinds (train.py --prior):
 
-Here: the density (plain tensors: weights, means, Cholesky factors, so a checkpoint holding it still loads with
-weights_only=True), its fit (`fit_gmm_prior`), its check (`check_prior`), its sampler (`sample_prior`, `draw_z`) and
-the callback that fits it when training ends (`FitPrior`). The model only holds the density (`CVAE.fitted_prior`,
-saved as the checkpoint's "fitted_prior") and calls these functions.
+    per-class  a full-covariance Gaussian mixture per digit (--prior-components of them; 1 by default)
+    global     one mixture for all digits, whatever the label
+    flow       a normalizing flow conditioned on the digit (zuko's masked autoregressive flow, Papamakarios et al.
+               2017), fitted by maximum likelihood
+    codes      the training codes themselves, one drawn at random: no density does better on them, the yardstick
+
+Here: each density as plain tensors and bounded settings (so a checkpoint holding it still loads with
+weights_only=True), its fit (`fit_prior`), its check (`check_prior`, before anything is built), its sampler
+(`sample_prior`, `draw_z`, seeded by the caller's generator) and the callback that fits it when training ends
+(`FitPrior`). The model only holds the density (`CVAE.fitted_prior`, saved as the checkpoint's "fitted_prior") and
+calls these functions.
 """
 from __future__ import annotations
 
@@ -16,13 +23,33 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from pytorch_lightning.callbacks import Callback
 
-PRIORS = ("standard", "fitted")          # where `CVAE.sample` draws z from: N(0, I), or the fitted mixture
-MIXTURE_KINDS = ("per-class", "global")  # a fitted mixture per digit, or one for all digits (train.py --prior)
-
-
+PRIORS = ("standard", "fitted")  # where `CVAE.sample` draws z from: N(0, I), or the density fitted after training
+PRIOR_KINDS = ("per-class", "global", "flow", "codes")  # the fitted densities (train.py --prior)
+MIXTURE_KINDS = ("per-class", "global")
 REG_COVAR = 1e-5  # added to every covariance's diagonal, so a nearly flat cluster still has a valid Cholesky factor
+# The flow: `transforms` autoregressive layers, each a network of two hidden layers of `hidden` units, fitted in
+# `steps` Adam steps (FLOW_LR) on batches of FLOW_BATCH codes, whatever the number of codes. A checkpoint's settings
+# must lie in FLOW_BOUNDS before a flow is built from them.
+FLOW_SETTINGS = {"transforms": 5, "hidden": 64, "steps": 1500}
+FLOW_BOUNDS = {"transforms": (1, 16), "hidden": (2, 512), "steps": (1, 1_000_000)}  # at most 4.5M weights
+FLOW_BATCH, FLOW_LR = 1024, 1e-3
+
+
+# ----- fitting ------------------------------------------------------------------------------------------------------
+def fit_prior(z: torch.Tensor, labels: torch.Tensor, num_classes: int, kind: str = "per-class",
+              components: int = 1, seed: int = 0) -> dict[str, Any]:
+    """Fit the density `kind` (PRIOR_KINDS) to codes z (N, D) with their labels (N,); `components` counts a mixture's
+    Gaussians. Returns the density as plain tensors and settings (its "kind" first)."""
+    if kind in MIXTURE_KINDS:
+        return fit_gmm_prior(z, labels, num_classes, kind, components, seed)
+    if kind == "flow":
+        return fit_flow_prior(z, labels, num_classes, seed=seed)
+    if kind == "codes":
+        return {"kind": "codes", "codes": z.float().cpu().clone(), "labels": labels.long().cpu().clone()}
+    raise ValueError(f"prior kind must be one of {PRIOR_KINDS}, got {kind!r}")
 
 
 def fit_gmm_prior(z: torch.Tensor, labels: torch.Tensor, num_classes: int, kind: str = "per-class",
@@ -34,7 +61,7 @@ def fit_gmm_prior(z: torch.Tensor, labels: torch.Tensor, num_classes: int, kind:
     components are fitted by scikit-learn's EM. Both add REG_COVAR to the diagonal, as scikit-learn does.
     """
     if kind not in MIXTURE_KINDS:
-        raise ValueError(f"prior kind must be one of {MIXTURE_KINDS}, got {kind!r}")
+        raise ValueError(f"mixture kind must be one of {MIXTURE_KINDS}, got {kind!r}")
     z_np, y_np = z.double().numpy(), labels.cpu().numpy()
     groups = [z_np[y_np == c] for c in range(num_classes)] if kind == "per-class" else [z_np]
     weights, means, tril = [], [], []
@@ -63,10 +90,78 @@ def fit_gmm_prior(z: torch.Tensor, labels: torch.Tensor, num_classes: int, kind:
     }
 
 
+def build_flow(latent_dim: int, num_classes: int, transforms: int, hidden: int, **_):
+    """zuko's masked autoregressive flow over z (latent_dim) conditioned on the one-hot digit (num_classes)."""
+    import zuko  # only the flow prior needs it
+
+    return zuko.flows.MAF(latent_dim, num_classes, transforms=transforms, hidden_features=[hidden, hidden])
+
+
+def flow_of(prior: dict[str, Any]):
+    """The flow module of a fitted flow prior, its weights loaded (strictly: a tensor that does not fit raises). The
+    initial weights it is built with are drawn from a forked RNG, so building it leaves the global random state
+    alone."""
+    with torch.random.fork_rng(devices=[]):
+        flow = build_flow(**prior["settings"])
+    flow.load_state_dict(prior["state"])
+    return flow
+
+
+def fit_flow_prior(z: torch.Tensor, labels: torch.Tensor, num_classes: int, seed: int = 0,
+                   **settings: int) -> dict[str, Any]:
+    """Fit a flow (build_flow; FLOW_SETTINGS, overridden by `settings`) to codes z (N, D) by maximum likelihood, on
+    the CPU and one thread (its small batches gain nothing from more, and the weights then do not depend on the thread
+    count), seeded by `seed` alone (the global RNG is forked: the caller's random state is neither used nor changed).
+    Returns {"kind": "flow", "settings": {...}, "state": the flow's tensors}."""
+    settings = {**FLOW_SETTINGS, **settings, "latent_dim": z.shape[1], "num_classes": num_classes}
+    z, context = z.float().cpu(), F.one_hot(labels.long().cpu(), num_classes).float()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            flow = build_flow(**settings)
+            optimizer = torch.optim.Adam(flow.parameters(), lr=FLOW_LR)
+            order = torch.Generator().manual_seed(seed)
+            batches = iter(())
+            for _ in range(settings["steps"]):
+                batch = next(batches, None)
+                if batch is None:  # a new pass over the codes, in a new order
+                    batches = iter(torch.randperm(len(z), generator=order).split(FLOW_BATCH))
+                    batch = next(batches)
+                loss = -flow(context[batch]).log_prob(z[batch]).mean()
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+    finally:
+        torch.set_num_threads(threads)
+    return {"kind": "flow", "settings": settings, "state": {k: v.detach().clone() for k, v in flow.state_dict().items()}}
+
+
+# ----- checking and loading ------------------------------------------------------------------------------------------
 def check_prior(prior: Any, num_classes: int, latent_dim: int) -> None:
-    """Raise ValueError unless `prior` is a well-formed mixture for this model (guards checkpoints from elsewhere)."""
-    if not isinstance(prior, dict) or not all(isinstance(prior.get(name), torch.Tensor)
-                                              for name in ("weights", "means", "scale_tril")):
+    """Raise ValueError unless `prior` is a well-formed density of one of PRIOR_KINDS for this model (guards checkpoints
+    from elsewhere): sizes and settings are checked before anything is built from them."""
+    kind = prior.get("kind", "per-class") if isinstance(prior, dict) else None  # mixtures saved before kinds had one
+    if kind in MIXTURE_KINDS:
+        check_mixture(prior, num_classes, latent_dim)
+    elif kind == "flow":
+        check_flow(prior, num_classes, latent_dim)
+    elif kind == "codes":
+        codes, labels = prior.get("codes"), prior.get("labels")
+        if not (isinstance(codes, torch.Tensor) and isinstance(labels, torch.Tensor) and codes.is_floating_point()
+                and codes.dim() == 2 and codes.shape[1] == latent_dim and labels.shape == codes.shape[:1]
+                and torch.isfinite(codes).all() and not labels.is_floating_point()):
+            raise ValueError(f"fitted_prior codes must be (N, {latent_dim}) finite floats with N integer labels")
+        if len(labels) == 0 or labels.min() < 0 or labels.max() >= num_classes \
+                or len(labels.unique()) < num_classes:
+            raise ValueError(f"fitted_prior codes must hold codes of every one of the {num_classes} labels")
+    else:
+        raise ValueError(f"fitted_prior must be a dict of one of the kinds {PRIOR_KINDS}")
+
+
+def check_mixture(prior: dict, num_classes: int, latent_dim: int) -> None:
+    if not all(isinstance(prior.get(name), torch.Tensor) for name in ("weights", "means", "scale_tril")):
         raise ValueError("fitted_prior must hold tensors 'weights', 'means' and 'scale_tril'")
     w, m, s = prior["weights"], prior["means"], prior["scale_tril"]
     if not w.is_floating_point() or not w.dtype == m.dtype == s.dtype:
@@ -83,24 +178,85 @@ def check_prior(prior: Any, num_classes: int, latent_dim: int) -> None:
         raise ValueError("fitted_prior holds non-finite values or invalid mixture weights")
 
 
+def check_flow(prior: dict, num_classes: int, latent_dim: int) -> None:
+    """The settings are integers within FLOW_BOUNDS and match the model; the tensors have exactly the shapes a flow of
+    those settings has (built only once the bounds hold, so a crafted file cannot ask for a huge one) and are
+    finite."""
+    settings, state = prior.get("settings"), prior.get("state")
+    if not isinstance(settings, dict) or not isinstance(state, dict) \
+            or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError("fitted_prior flow must hold 'settings' and a 'state' of tensors")
+    for name, (low, high) in FLOW_BOUNDS.items():
+        value = settings.get(name)
+        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+            raise ValueError(f"fitted_prior flow setting {name} must be an integer in {low}..{high}, got {value!r}")
+    if (settings.get("latent_dim"), settings.get("num_classes")) != (latent_dim, num_classes):
+        raise ValueError(f"fitted_prior flow is for latent_dim {settings.get('latent_dim')} and "
+                         f"{settings.get('num_classes')} classes, not {latent_dim} and {num_classes}")
+    try:
+        flow_of(prior)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"fitted_prior flow tensors do not fit its settings: {' '.join(str(err).split())[:200]}"
+                         ) from None
+    if not all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point()):
+        raise ValueError("fitted_prior flow holds non-finite values")
+
+
 def load_prior(prior: Any, num_classes: int, latent_dim: int) -> dict[str, Any] | None:
     """A checkpoint's "fitted_prior" (or None), checked against the model and moved to the CPU, where the sampler's
     generator lives, whatever map_location said."""
     if prior is None:
         return None
     check_prior(prior, num_classes, latent_dim)
-    return {name: value.cpu() if isinstance(value, torch.Tensor) else value for name, value in prior.items()}
+    return to_cpu(prior)
 
 
+def to_cpu(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.cpu()
+    return {name: to_cpu(item) for name, item in value.items()} if isinstance(value, dict) else value
+
+
+# ----- sampling ------------------------------------------------------------------------------------------------------
 def sample_prior(prior: dict[str, Any], labels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Draw one z per label from a fitted mixture: (N, D), in the prior's dtype, on the CPU. z = mean + L eps, so
-    cov(z) = L L^T, the fitted covariance."""
+    """Draw one z per label from a fitted density: (N, D) on the CPU, all randomness from `generator`."""
+    kind = prior.get("kind", "per-class")
+    if kind == "flow":
+        return sample_flow(prior, labels, generator)
+    if kind == "codes":
+        return sample_codes(prior, labels, generator)
+    return sample_mixture(prior, labels, generator)
+
+
+def sample_mixture(prior: dict[str, Any], labels: torch.Tensor, generator: torch.Generator | None = None
+                   ) -> torch.Tensor:
+    """z = mean + L eps from a component drawn by its weight, so cov(z) = L L^T, the fitted covariance."""
     # (C, K), (C, K, D), (C, K, D, D): one mixture of K components per class, or C = 1 shared by all digits
     weights, means, scale_tril = prior["weights"], prior["means"], prior["scale_tril"]
     rows = labels if weights.shape[0] > 1 else torch.zeros_like(labels)
     comp = torch.multinomial(weights[rows], 1, generator=generator).squeeze(1)  # (N,) component of each draw
     eps = torch.randn(len(labels), means.shape[-1], 1, generator=generator, dtype=means.dtype)  # (N, D, 1)
     return means[rows, comp] + (scale_tril[rows, comp] @ eps).squeeze(-1)
+
+
+@torch.no_grad()
+def sample_flow(prior: dict[str, Any], labels: torch.Tensor, generator: torch.Generator | None = None
+                ) -> torch.Tensor:
+    """z = f^-1(eps | y) with eps ~ N(0, I) from `generator`: the flow maps codes to noise, its inverse noise to
+    codes."""
+    settings = prior["settings"]
+    eps = torch.randn(len(labels), settings["latent_dim"], generator=generator)
+    return flow_of(prior)(F.one_hot(labels.long(), settings["num_classes"]).float()).transform.inv(eps)
+
+
+def sample_codes(prior: dict[str, Any], labels: torch.Tensor, generator: torch.Generator | None = None
+                 ) -> torch.Tensor:
+    """A training code of each label's digit, drawn uniformly among them."""
+    order = torch.argsort(prior["labels"], stable=True)  # the codes grouped by digit
+    counts = torch.bincount(prior["labels"])  # every digit has codes (check_prior)
+    starts = torch.cumsum(counts, 0) - counts
+    picks = starts[labels] + (torch.rand(len(labels), generator=generator) * counts[labels]).long()
+    return prior["codes"][order[picks]]
 
 
 def resolve_prior(name: str, fitted: dict[str, Any] | None) -> str:
@@ -119,9 +275,14 @@ def describe_prior(name: str, fitted: dict[str, Any] | None) -> str:
     """The prior `name` ("auto", "standard" or "fitted") in words, for the printed report, the figures and the UI."""
     if resolve_prior(name, fitted) == "standard":
         return "the standard normal N(0, I)"
+    kind = fitted.get("kind", "per-class")
+    if kind == "flow":
+        return "a normalizing flow conditioned on the digit, fitted to the training codes"
+    if kind == "codes":
+        return "the training codes themselves, one drawn at random"
     components = fitted["weights"].shape[1]
     density = "a Gaussian" if components == 1 else f"a mixture of {components} Gaussians"
-    if fitted.get("kind", "per-class") == "global":
+    if kind == "global":
         density = f"one {density.removeprefix('a ')} for all digits"
     else:
         density = f"{density} per digit"
@@ -148,5 +309,5 @@ class FitPrior(Callback):
         data = trainer.datamodule
         labels = data.splits["train"].labels
         z = pl_module.posterior_means(data.fixed_pixels("train"), labels)  # the images as the model sees them
-        pl_module.fitted_prior = fit_gmm_prior(z, labels.cpu(), pl_module.hparams.num_classes, self.kind,
-                                               self.components, seed=self.seed)
+        pl_module.fitted_prior = fit_prior(z, labels.cpu(), pl_module.hparams.num_classes, self.kind,
+                                           self.components, seed=self.seed)

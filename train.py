@@ -26,7 +26,7 @@ from checkpoint import AtomicCheckpointIO, CheckpointError, safe_torch_load
 from cli import DEFAULT_CKPT, DEFAULT_RUN_DIR, ArgParser, UsageError, bounded, check_data_dir, check_output_file, fail
 from dataset import DEFAULT_DATA_DIR, TRAIN_SIZE, DataError, MNISTDataModule
 from model import CVAE, LIKELIHOODS, LR_SCHEDULES, metric_names
-from prior import MIXTURE_KINDS, FitPrior
+from prior import PRIOR_KINDS, FitPrior
 
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")
 
@@ -57,11 +57,12 @@ def build_parser() -> ArgParser:
                         "summed binary cross-entropy on binarized images, drawn afresh for every training batch")
     g.add_argument("--dropout", type=bounded(float, 0, 0.99), default=MODEL["dropout"],
                    help="dropout after the hidden blocks (0 = none, as in the VAE papers)")
-    g.add_argument("--prior", choices=(*MIXTURE_KINDS, "none"), default=PRIOR["kind"],
-                   help="after training, fit a Gaussian mixture to the training codes for sampling "
-                        "(per digit, or one for all digits)")
+    g.add_argument("--prior", choices=(*PRIOR_KINDS, "none"), default=PRIOR["kind"],
+                   help="after training, fit a density to the training codes for sampling: a Gaussian mixture per "
+                        "digit (per-class) or for all digits (global), a flow conditioned on the digit, or the codes "
+                        "themselves, drawn at random (codes; prior.py)")
     g.add_argument("--prior-components", type=bounded(int, 1), default=PRIOR["components"],
-                   help="mixture components of that prior")
+                   help="Gaussians in a per-class or global mixture")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=bounded(int, 1), default=10, help="number of epochs")
     g.add_argument("--batch-size", type=bounded(int, 1), default=DATA["batch_size"], help="batch size (per process)")
@@ -165,6 +166,14 @@ class RNGState(Callback):
             torch.cuda.set_rng_state_all(state_dict["cuda"])
 
 
+class RunLength(Callback):
+    """Writes the run's --epochs into its checkpoints as "max_epochs": a learning-rate schedule spans them, so
+    --resume must keep them (check_resumable)."""
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        checkpoint["max_epochs"] = trainer.max_epochs
+
+
 class EpochSummary(Callback):
     """One line per epoch: the train and validation terms (epoch means, from trainer.callback_metrics) and the time
     the epoch took. Lightning collects what the module logs at an epoch's end only after the callbacks' epoch-end
@@ -249,8 +258,8 @@ def build_trainer(args, callbacks: list[Callback] | None = None) -> pl.Trainer:
         accelerator=args.accelerator, devices=args.devices, strategy=args.strategy, num_nodes=args.num_nodes,
         precision=args.precision,
         logger=build_loggers(args.run_dir),
-        callbacks=[checkpoint, *keep, RNGState(), EpochSummary(), SampleGrid(args.seed), *prior, *(callbacks or []),
-                   *progress],
+        callbacks=[checkpoint, *keep, RNGState(), RunLength(), EpochSummary(), SampleGrid(args.seed), *prior,
+                   *(callbacks or []), *progress],
         plugins=[AtomicCheckpointIO()],
         # The data module shards its batch sampler across processes itself (see dataset.BatchIndexSampler).
         use_distributed_sampler=False,

@@ -108,7 +108,7 @@ def compare_priors(model, outputs, seed: int, args: argparse.Namespace, judge) -
     from classifier import fid
     from dataset import MNISTDataModule
     from metrics import Samples, generate, generation_metrics, judge_images
-    from prior import fit_gmm_prior
+    from prior import fit_prior
 
     data = MNISTDataModule(args.data_dir, seed=seed, binarize=model.hparams.likelihood == "bernoulli")
     data.setup()
@@ -117,8 +117,7 @@ def compare_priors(model, outputs, seed: int, args: argparse.Namespace, judge) -
     recon_fid = fid(outputs.reconstructed.features, outputs.test.features)
     rows = []
     for kind, components in PRIOR_VARIANTS:
-        model.fitted_prior = fit_gmm_prior(z, train_set.labels, model.hparams.num_classes, kind, components,
-                                           seed=seed)
+        model.fitted_prior = fit_prior(z, train_set.labels, model.hparams.num_classes, kind, components, seed=seed)
         images, labels = generate(model, "fitted", args.samples_per_digit, seed=0)
         refitted = dataclasses.replace(outputs, samples={"fitted": Samples(images, labels, judge_images(judge, images))})
         fitted = generation_metrics(refitted)["fitted"]

@@ -6,6 +6,7 @@ instead of the test's untrained one (that is how assets/ui.png was made).
 """
 from __future__ import annotations
 
+import io
 import os
 import socket
 from pathlib import Path
@@ -278,7 +279,8 @@ def test_many_clients_at_once(served, tmp_path):
             client.close()
 
 
-def test_wide_latent_slides_its_two_most_informative_dims_and_fixes_the_rest_at_zero(tmp_path, data_dir):
+def test_wide_latent_slides_its_two_most_informative_dims_and_its_old_endpoints_fix_the_rest_at_zero(tmp_path,
+                                                                                                     data_dir):
     model = load_cvae(save_untrained(tmp_path / "wide.ckpt", latent_dim=5))
     with torch.no_grad():  # posterior means that vary most in z[3], then z[1]
         model.encoder.mean.weight.mul_(torch.tensor([0.1, 10.0, 0.1, 20.0, 0.1])[:, None])
@@ -287,7 +289,8 @@ def test_wide_latent_slides_its_two_most_informative_dims_and_fixes_the_rest_at_
     explorer = ui.Explorer(model, dims)
     assert explorer.names == ("z[1]", "z[3]")
     assert "the sliders set z[1] and z[3]" in ui.page_notes(explorer)[1]
-    assert "the other 3 stay fixed at 0" in ui.page_notes(explorer)[1]
+    assert f"the other 3 have sliders of their own under *{ui.OTHERS_TITLE}*" in ui.page_notes(explorer)[1]
+    assert explorer.others == (0, 2, 4)
     assert_same_pixels(explorer.generate(2, 1.0, -1.0), decoded(model, [[0, 1.0, 0, -1.0, 0]], [2])[0])
     # The manifold's top-left cell: the smallest z[1] and the largest z[3] of the slider square.
     centre = (0.5 / ui.GRID * 2 - 1) * ui.Z_RANGE
@@ -365,6 +368,18 @@ def browser_or_skip() -> str:
     return str(CHROMIUM)
 
 
+def draw_a_seven(page) -> None:
+    """Three strokes of the mouse on the sketchpad's canvas: a 7."""
+    canvas = page.locator("#sketch canvas").first.bounding_box()
+    side = canvas["height"]
+    left, top = canvas["x"] + (canvas["width"] - side) / 2, canvas["y"]
+    page.mouse.move(left + 0.3 * side, top + 0.2 * side)
+    page.mouse.down()
+    for fx, fy in ((0.7, 0.22), (0.45, 0.85)):
+        page.mouse.move(left + fx * side, top + fy * side, steps=1)
+    page.mouse.up()
+
+
 def test_page_in_a_real_browser(served, tmp_path):
     """Open the page in headless Chromium: dragging z0 changes the picture while the button is still held (live, no
     Generate button); the digit selector, the random button, an empty drawing (a message) and a drawn 7 all work.
@@ -412,14 +427,7 @@ def test_page_in_a_real_browser(served, tmp_path):
             page.locator("#sketch").scroll_into_view_if_needed()
             page.get_by_role("button", name="Encode my drawing").click()
             expect(page.get_by_text("is empty").first).to_be_visible(timeout=30_000)
-            canvas = page.locator("#sketch canvas").first.bounding_box()
-            side = canvas["height"]
-            left, top = canvas["x"] + (canvas["width"] - side) / 2, canvas["y"]
-            page.mouse.move(left + 0.3 * side, top + 0.2 * side)
-            page.mouse.down()
-            for fx, fy in ((0.7, 0.22), (0.45, 0.85)):
-                page.mouse.move(left + fx * side, top + fy * side, steps=1)
-            page.mouse.up()
+            draw_a_seven(page)
             sampled = (z0.input_value(), z1.input_value())
             page.get_by_role("button", name="Encode my drawing").click()
             page.wait_for_function(
@@ -435,3 +443,187 @@ def test_page_in_a_real_browser(served, tmp_path):
             browser.close()
     assert screenshot.stat().st_size > 10_000
     print(f"screenshot: {screenshot}")
+
+
+# ----- a latent wider than 2: a slider for every dimension ------------------------------------------------------------
+WIDE_DIMS = (1, 3)  # the page's main sliders; z[0] and z[2] sit under "The other dimensions of z"
+CODE_ENDPOINTS = {"/generate_code": ["digit", "z0", "z1", "z2", "z3"], "/style_row_code": ["z0", "z1", "z2", "z3"],
+                  "/manifold_code": ["digit", "z0", "z1", "z2", "z3"], "/random_code": ["digit"],
+                  "/style_transfer_code": ["image", "digit"]}
+
+
+def wide_model(path: Path):
+    """An untrained z-4 CVAE whose fitted prior is a narrow Gaussian per digit at a point of its own in all four
+    dimensions, so a test can tell which slider got which value."""
+    torch.manual_seed(0)
+    model = CVAE(latent_dim=4)
+    means = torch.tensor([[(d - 4.5) / 2, 1.0 - d / 5, 0.3 * d - 1.5, 2.0 - 0.4 * d] for d in range(10)])
+    model.fitted_prior = {"kind": "per-class", "weights": torch.ones(10, 1), "means": means[:, None],
+                          "scale_tril": 0.001 * torch.eye(4).repeat(10, 1, 1, 1)}
+    checkpoint = {"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams)}
+    model.on_save_checkpoint(checkpoint)
+    torch.save(checkpoint, path)
+    return load_cvae(path), means
+
+
+def test_the_code_endpoints_decode_every_dimension(tmp_path):
+    model, means = wide_model(tmp_path / "wide.ckpt")
+    explorer = ui.Explorer(model, WIDE_DIMS)
+    code = [0.5, -1.0, 1.5, 2.0]
+    assert_same_pixels(explorer.generate_code(3, *code), decoded(model, [code], [3])[0])
+    row = explorer.style_row_code(*code)[::ui.ROW_SCALE, ::ui.ROW_SCALE]
+    for digit in range(10):
+        assert_same_pixels(row[:, digit * 28:(digit + 1) * 28], decoded(model, [code], [digit])[0])
+    # The manifold: the main sliders' square, the other dimensions at the code's values.
+    centre = (0.5 / ui.GRID * 2 - 1) * ui.Z_RANGE  # the top-left cell: the smallest z[1], the largest z[3]
+    grid = explorer.manifold_grid(3, torch.tensor(code))
+    assert_same_pixels(grid[:28, :28], decoded(model, [[0.5, centre, 1.5, -centre]], [3])[0])
+    assert not np.array_equal(grid, explorer.manifold_grid(3))  # the other dimensions matter
+    assert explorer.random_code(4) == pytest.approx(means[4].tolist(), abs=0.01)
+    assert explorer.random_z(4) == pytest.approx(means[4, list(WIDE_DIMS)].tolist(), abs=0.01)
+    with pytest.raises(ui.gr.Error, match="expected 4 values"):
+        explorer.generate_code(3, 0.0, 0.0)
+    with pytest.raises(ui.gr.Error, match=r"z\[2\] = 4 is outside"):
+        explorer.generate_code(3, 0.0, 0.0, 4.0, 0.0)
+    # Encoding gives the whole code: the row is that code's, the values its posterior mean (within the range).
+    path = digit_picture(tmp_path / "seven.png")
+    row, *values = explorer.style_transfer_code(str(path), 7)
+    x = torch.from_numpy(ui.to_mnist(Image.open(path))).reshape(1, -1)
+    with torch.no_grad():
+        mean = model.encode(x, torch.tensor([7]))[0][0]
+    assert values == [ui.to_slider(v) for v in mean.tolist()]
+    assert np.array_equal(row, explorer.style_row_code(*values))
+
+
+def test_a_wide_page_lists_the_code_endpoints_beside_the_old_ones(tmp_path):
+    model, _ = wide_model(tmp_path / "wide.ckpt")
+    named = ui.build_app(model, WIDE_DIMS).get_api_info()["named_endpoints"]
+    assert {name: [p["parameter_name"] for p in named[name]["parameters"]] for name in named} == \
+        {**ENDPOINTS, **CODE_ENDPOINTS}
+    assert len(named["/random_code"]["returns"]) == 4 and len(named["/style_transfer_code"]["returns"]) == 5
+
+
+def page_image(page, selector: str) -> np.ndarray | None:
+    """The pixels of the picture the page shows at `selector`, fetched from its src; None when the page was just
+    replacing it (the old file gone, or the new one not yet whole)."""
+    import http.client
+    import urllib.request
+
+    src = page.locator(f"{selector} img").get_attribute("src")
+    try:
+        with urllib.request.urlopen(src, timeout=30) as response:
+            return np.asarray(Image.open(io.BytesIO(response.read())))
+    except (OSError, http.client.HTTPException):  # HTTPError, URLError, IncompleteRead, UnidentifiedImageError
+        return None
+
+
+def test_a_wide_page_in_a_real_browser(tmp_path):
+    """A z-4 checkpoint in headless Chromium. Every event is proven by what the user then sees: which sliders move to
+    which values (all within their range), which digit is chosen, and that each picture is what the model draws for
+    the code the sliders now show."""
+    executable = browser_or_skip()
+    from playwright.sync_api import expect, sync_playwright
+
+    model, means = wide_model(tmp_path / "wide.ckpt")
+    explorer = ui.Explorer(model, WIDE_DIMS)
+    app = ui.build_app(model, WIDE_DIMS)
+    url = launch_on_a_free_port(app)
+    by_dim = {1: "#z0", 3: "#z1", 0: "#z-0", 2: "#z-2"}  # the slider of each latent dimension
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=executable, headless=True, args=CHROMIUM_ARGS)
+            try:
+                page = browser.new_page(viewport={"width": 1280, "height": 1000})
+                page.goto(url)
+                expect(page.locator("#digit-image img")).to_be_visible(timeout=60_000)
+                page.get_by_role("button", name=ui.OTHERS_TITLE).click()  # open the other dimensions
+                expect(page.locator("#z-2 input[type=number]")).to_be_visible(timeout=30_000)
+                assert page.locator("#z0 label, #z0 span").filter(has_text="z[1]").count() > 0
+
+                def code() -> list[float]:
+                    values = [float(page.locator(f"{by_dim[i]} input[type=number]").input_value()) for i in range(4)]
+                    assert all(-ui.Z_RANGE <= v <= ui.Z_RANGE for v in values), values
+                    return values
+
+                def digit() -> int:
+                    return int(page.locator("#digit input[type=radio]:checked").input_value())
+
+                ids = [f"{by_dim[i]} input[type=number]" for i in range(4)]
+
+                def wait_for_code(want: list[float], tol: float) -> None:
+                    page.wait_for_function(
+                        "([ids, want, tol]) => ids.every((id, i) =>"
+                        " Math.abs(parseFloat(document.querySelector(id).value) - want[i]) <= tol)",
+                        arg=[ids, want, tol], timeout=120_000)
+
+                def wait_until_every_slider_moves_from(before: list[float]) -> None:
+                    page.wait_for_function(
+                        "([ids, before]) => ids.every((id, i) => parseFloat(document.querySelector(id).value)"
+                        " !== before[i])", arg=[ids, before], timeout=120_000)
+
+                def shows(values: list[float], number: int) -> None:
+                    """The three pictures are the model's for this code and digit (after any pending update)."""
+                    want = {"#digit-image": explorer.generate_code(number, *values),
+                            "#style-row": explorer.style_row_code(*values),
+                            "#manifold": explorer.manifold_code(number, *values)}
+                    for selector, pixels in want.items():
+                        # The live pictures follow the last change: poll until it has landed (2 minutes at most).
+                        for _ in range(240):
+                            page.wait_for_function("() => [...document.images].every(image => image.complete)")
+                            shown = page_image(page, selector)
+                            if shown is not None and shown.shape == pixels.shape \
+                                    and np.abs(shown.astype(int) - pixels.astype(int)).max() <= 1:
+                                break
+                            page.wait_for_timeout(500)
+                        assert shown is not None, selector
+                        assert_same_pixels(shown, pixels)
+
+                shows([0.0] * 4, 7)
+
+                def set_slider(dim: int, value: float) -> None:
+                    box = page.locator(f"{by_dim[dim]} input[type=number]")
+                    box.fill(str(value))
+                    box.press("Enter")
+                    expect(box).to_have_value(str(value), timeout=30_000)
+
+                set_slider(2, 1.25)  # an other dimension: every picture follows
+                assert code() == [0.0, 0.0, 1.25, 0.0] and digit() == 7
+                shows(code(), 7)
+                set_slider(1, -0.5)  # a main one
+                assert code() == [0.0, -0.5, 1.25, 0.0]
+                shows(code(), 7)
+
+                page.locator("#digit label").filter(has_text="2").click()
+                expect(page.locator("#digit input[type=radio]:checked")).to_have_value("2", timeout=30_000)
+                assert code() == [0.0, -0.5, 1.25, 0.0]
+                shows(code(), 2)
+
+                page.get_by_role("button", name="Random z").click()  # a whole code of digit 2's narrow prior
+                wait_for_code(means[2].tolist(), 0.02)
+                assert digit() == 2
+                shows(code(), 2)
+
+                # An upload, told it is a 3: every slider at the picture's code, the digit 3, its row.
+                picture = digit_picture(tmp_path / "seven.png")
+                page.get_by_role("tab", name="Upload").click()
+                page.locator("#upload input[type=file]").set_input_files(str(picture))
+                page.locator("#label label").filter(has_text="3").click()
+                page.get_by_role("button", name="Encode this picture").click()
+                _, *want = explorer.style_transfer_code(str(picture), 3)
+                wait_for_code(want, 0.005)
+                expect(page.locator("#digit input[type=radio]:checked")).to_have_value("3", timeout=30_000)
+                shows(code(), 3)
+
+                # A drawing, told it is a 5: every slider moves to the drawing's code and the pictures follow.
+                page.get_by_role("tab", name="Draw").click()
+                page.locator("#label label").filter(has_text="5").click()
+                draw_a_seven(page)
+                before = code()
+                page.get_by_role("button", name="Encode my drawing").click()
+                wait_until_every_slider_moves_from(before)
+                expect(page.locator("#digit input[type=radio]:checked")).to_have_value("5", timeout=30_000)
+                shows(code(), 5)
+            finally:
+                browser.close()
+    finally:
+        app.close()
