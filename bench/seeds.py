@@ -19,13 +19,15 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-# Alternative sampling priors compared with --compare-priors: (kind, mixture components).
-PRIOR_VARIANTS = (("per-class", 1), ("per-class", 3), ("global", 1), ("global", 10))
+# The sampling priors refitted by --compare-priors and bench/sweep.py --refit-priors: name -> (kind, components).
+PRIOR_VARIANTS = {"Gaussian per digit": ("per-class", 1), "3 Gaussians per digit": ("per-class", 3),
+                  "10 Gaussians per digit": ("per-class", 10), "10 Gaussians for all": ("global", 10),
+                  "flow": ("flow", 1), "training codes": ("codes", 1)}
 # A row's first columns, before metrics.SUMMARY's: (key, title).
 RUN_COLUMNS = (("seed", "seed"), ("train_s", "train.py (s)"))
 
@@ -48,20 +50,15 @@ def row_markdown(row: dict[str, Any]) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
-class PriorRow(NamedTuple):
-    """One refitted sampling prior on one seed's checkpoint (--compare-priors)."""
-
-    seed: int
-    name: str
-    accuracy: float
-    fid: float
-    recon_fid: float
-
-    def markdown(self) -> str:
-        return f"| {self.seed} | {self.name} | {100 * self.accuracy:.2f}% | {self.fid:.1f} | {self.recon_fid:.1f} |"
+PRIOR_HEADER = ("| seed | fitted prior | sample seed | cond. acc. | recon acc. | sample FID | recon FID | FID gap "
+                "| fit (s) |\n|---|---|---|---|---|---|---|---|---|")
 
 
-PRIOR_HEADER = "| seed | fitted prior | cond. acc. | sample FID | recon FID |\n|---|---|---|---|---|"
+def prior_markdown(row: dict[str, Any]) -> str:
+    """One refit_priors row as a markdown line."""
+    return (f"| {row['seed']} | {row['prior']} | {row['sample_seed']} | {100 * row['accuracy']:.2f}% "
+            f"| {100 * row['recon_accuracy']:.2f}% | {row['fid']:.1f} | {row['recon_fid']:.1f} "
+            f"| {100 * (row['fid'] / row['recon_fid'] - 1):+.1f}% | {row['fit_s']:.1f} |")
 
 
 def parse_args() -> argparse.Namespace:
@@ -102,27 +99,36 @@ def judge_checkpoint(model, judge, test_set, samples_per_digit: int = 1_000, **s
     return evaluate(model, outputs, seed=0, **settings), outputs
 
 
-def compare_priors(model, outputs, seed: int, args: argparse.Namespace, judge) -> list[PriorRow]:
-    """Refit each of PRIOR_VARIANTS to the seed's training codes and judge its samples against the same test-set
-    outputs (only the samples change)."""
+def refit_priors(model, outputs, seed: int, data_dir: Path, judge, samples_per_digit: int,
+                 variants: dict[str, tuple[str, int]] = PRIOR_VARIANTS, sample_seeds: tuple[int, ...] = (0,)
+                 ) -> list[dict[str, Any]]:
+    """Refit each of `variants` to the training codes of the checkpoint's split (`seed`) and judge `samples_per_digit`
+    samples of every digit from each, once per sample seed, against the same test-set `outputs` (only the samples
+    change). A row per variant and sample seed: its conditional accuracy and sample FID beside the reconstructions'
+    (the marks a prior aims for), and the seconds the fit took."""
     from classifier import fid
     from dataset import MNISTDataModule
-    from metrics import Samples, generate, generation_metrics, judge_images
+    from metrics import Samples, generate, generation_metrics, judge_images, reconstruction_accuracy
     from prior import fit_prior
 
-    data = MNISTDataModule(args.data_dir, seed=seed, binarize=model.hparams.likelihood == "bernoulli")
+    data = MNISTDataModule(data_dir, seed=seed, binarize=model.hparams.likelihood == "bernoulli")
     data.setup()
-    train_set = data.splits["train"]
-    z = model.posterior_means(data.fixed_pixels("train"), train_set.labels)
-    recon_fid = fid(outputs.reconstructed.features, outputs.test.features)
+    labels = data.splits["train"].labels
+    z = model.posterior_means(data.fixed_pixels("train"), labels)
+    marks = {"recon_accuracy": reconstruction_accuracy(outputs),
+             "recon_fid": fid(outputs.reconstructed.features, outputs.test.features)}
     rows = []
-    for kind, components in PRIOR_VARIANTS:
-        model.fitted_prior = fit_prior(z, train_set.labels, model.hparams.num_classes, kind, components, seed=seed)
-        images, labels = generate(model, "fitted", args.samples_per_digit, seed=0)
-        refitted = dataclasses.replace(outputs, samples={"fitted": Samples(images, labels, judge_images(judge, images))})
-        fitted = generation_metrics(refitted)["fitted"]
-        rows.append(PriorRow(seed, f"{kind}, {components} component{'s' * (components > 1)}",
-                             fitted["conditional_accuracy"], fitted["fid"], recon_fid))
+    for name, (kind, components) in variants.items():
+        start = time.perf_counter()
+        model.fitted_prior = fit_prior(z, labels, model.hparams.num_classes, kind, components, seed=seed)
+        fit_s = time.perf_counter() - start
+        for sample_seed in sample_seeds:
+            images, wanted = generate(model, "fitted", samples_per_digit, seed=sample_seed)
+            refitted = dataclasses.replace(outputs, samples={"fitted": Samples(images, wanted,
+                                                                               judge_images(judge, images))})
+            fitted = generation_metrics(refitted)["fitted"]
+            rows.append({"seed": seed, "prior": name, "sample_seed": sample_seed,
+                         "accuracy": fitted["conditional_accuracy"], "fid": fitted["fid"], **marks, "fit_s": fit_s})
     return rows
 
 
@@ -140,7 +146,7 @@ def main() -> None:
     judge, _ = load_judge()
     test_set = load_test_set(args.data_dir)
     rows: list[dict[str, Any]] = []
-    prior_rows: list[PriorRow] = []
+    prior_rows: list[dict[str, Any]] = []
     for seed in args.seeds:
         ckpt = args.out_dir / f"seed{seed}.ckpt"
         command = train_command(ckpt, args.out_dir / f"run{seed}",
@@ -151,7 +157,7 @@ def main() -> None:
         numbers, outputs = judge_checkpoint(model, judge, test_set, args.samples_per_digit)
         rows.append({"seed": seed, "train_s": train_s, **summary(numbers)})
         if args.compare_priors:
-            prior_rows += compare_priors(model, outputs, seed, args, judge)
+            prior_rows += refit_priors(model, outputs, seed, args.data_dir, judge, args.samples_per_digit)
 
     print(f"\ntrain.py {args.train_args or '(defaults)'}; judged as test.py judges\n")
     print(row_header())
@@ -160,7 +166,7 @@ def main() -> None:
     if prior_rows:
         print("\n" + PRIOR_HEADER)
         for row in prior_rows:
-            print(row.markdown())
+            print(prior_markdown(row))
 
 
 if __name__ == "__main__":

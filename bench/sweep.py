@@ -49,7 +49,9 @@ from cli import ArgParser, bounded  # noqa: E402
 from dataset import DEFAULT_DATA_DIR, load_test_set  # noqa: E402
 from metrics import CLASSIFY_IW_SAMPLES, CLASSIFY_PER_DIGIT, IW_SAMPLES, SUMMARY, summary  # noqa: E402
 from model import load_cvae  # noqa: E402
-from seeds import RUN_COLUMNS, judge_checkpoint, row_header, row_markdown, train, train_command  # noqa: E402
+from metrics import model_outputs  # noqa: E402
+from seeds import (PRIOR_HEADER, PRIOR_VARIANTS, RUN_COLUMNS, judge_checkpoint, prior_markdown,  # noqa: E402
+                   refit_priors, row_header, row_markdown, train, train_command)
 
 
 class Cell(NamedTuple):
@@ -60,23 +62,36 @@ class Cell(NamedTuple):
     epochs: int
     likelihood: str = "gaussian"
     dropout: float = 0.25
+    lr_schedule: str = "constant"
+    lr: float = 1e-3
 
 
 DEFAULT = Cell(1.0, 2, 10)  # train.py's defaults; each grid varies some of these
 BERNOULLI = DEFAULT._replace(likelihood="bernoulli")
+# The settings a cell names only when they differ from DEFAULT: (train.py's flag, how the run's name shows the value).
+OPTIONAL = {"likelihood": ("--likelihood", "-{}"), "dropout": ("--dropout", "-dropout{:g}"),
+            "lr_schedule": ("--lr-schedule", "-{}"), "lr": ("--lr", "-lr{:g}")}
 GRIDS = {
     "beta": [DEFAULT._replace(kl_weight=b) for b in (0.25, 0.5, 0.75, 1.0, 1.5, 2.0)],
     "z": [DEFAULT._replace(latent_dim=d) for d in (2, 4, 8, 16)],
     "epochs": [DEFAULT._replace(epochs=e) for e in (10, 20, 40)],
     # The Bernoulli decoder at the seed's z and the papers' (40), with and without dropout (the papers have none).
     "likelihood": [BERNOULLI._replace(latent_dim=d, dropout=p) for d in (2, 40) for p in (0.25, 0.0)],
+    # The learning rate over a run: one-cycle and cosine peaking at 3e-3 (README: the best samples), 10 and 20 epochs.
+    "schedule": [DEFAULT._replace(lr_schedule=schedule, lr=3e-3, epochs=epochs) for epochs in (10, 20)
+                 for schedule in ("one-cycle", "cosine")],
 }
 # The CSV: the cell, the seed and its train.py time, metrics.SUMMARY's numbers (a list space-separated), the checkpoint
 # and any extra flags.
 FIELDS = ("name", *Cell._fields, *(key for key, _ in RUN_COLUMNS), *(entry.key for entry in SUMMARY), "ckpt",
           "train_args")
+# priors.csv (--refit-priors): a refitted sampling prior of a run, once per sample seed (bench/seeds.py refit_priors).
+PRIOR_FIELDS = ("name", *Cell._fields, "seed", "prior", "sample_seed", "accuracy", "fid", "recon_accuracy",
+                "recon_fid", "fit_s")
+SAMPLE_SEEDS = (0, 1)  # two draws of samples per prior: a difference smaller than theirs is a tie
 KINDS = {"name": str, **{name: type(value) for name, value in DEFAULT._asdict().items()}, "seed": int,
-         "train_s": float, **{entry.key: entry.kind for entry in SUMMARY}, "ckpt": str, "train_args": str}
+         "train_s": float, **{entry.key: entry.kind for entry in SUMMARY}, "ckpt": str, "train_args": str,
+         "prior": str, "sample_seed": int, "fit_s": float}
 SAMPLE_SEED = 0  # the codes beta_samples.png decodes under every beta
 
 
@@ -86,10 +101,12 @@ class Run(NamedTuple):
 
     @property
     def name(self) -> str:
-        """e.g. beta1-z2-e10-seed0; a cell's likelihood and dropout are named where they differ from the default."""
-        b, d, e, likelihood, dropout = self.cell
-        return (f"beta{b:g}-z{d}-e{e}" + (f"-{likelihood}" if likelihood != DEFAULT.likelihood else "")
-                + (f"-dropout{dropout:g}" if dropout != DEFAULT.dropout else "") + f"-seed{self.seed}")
+        """e.g. beta1-z2-e10-seed0; the OPTIONAL settings are named where they differ from the default, e.g.
+        beta1-z2-e10-one-cycle-lr0.003-seed0."""
+        b, d, e = self.cell[:3]
+        named = "".join(suffix.format(getattr(self.cell, field)) for field, (_, suffix) in OPTIONAL.items()
+                        if getattr(self.cell, field) != getattr(DEFAULT, field))
+        return f"beta{b:g}-z{d}-e{e}{named}-seed{self.seed}"
 
 
 def grid_runs(grids: list[str], seeds: list[int], betas: list[float] | None = None) -> list[Run]:
@@ -107,12 +124,12 @@ def paths(run: Run, out_dir: Path) -> tuple[Path, Path, Path]:
 def command(run: Run, args) -> list[str]:
     """The train.py command of a run."""
     ckpt, run_dir, _ = paths(run, args.out_dir)
-    b, d, e, likelihood, dropout = run.cell
+    b, d, e = run.cell[:3]
     flags = ["--kl-weight", f"{b:g}", "--latent-dim", str(d), "--epochs", str(e)]
-    if likelihood != DEFAULT.likelihood:
-        flags += ["--likelihood", likelihood]
-    if dropout != DEFAULT.dropout:
-        flags += ["--dropout", f"{dropout:g}"]
+    for field, (flag, _) in OPTIONAL.items():
+        if getattr(run.cell, field) != getattr(DEFAULT, field):
+            value = getattr(run.cell, field)
+            flags += [flag, value if isinstance(value, str) else f"{value:g}"]
     return train_command(ckpt, run_dir, [*flags, "--seed", str(run.seed), "--data-dir", str(args.data_dir),
                                          "--num-threads", str(args.num_threads), *shlex.split(args.train_args)])
 
@@ -143,16 +160,16 @@ def from_text(kind: type, text: str) -> Any:
     return kind(text)
 
 
-def append_row(path: Path, row: dict[str, Any]) -> None:
-    """Add a row to the CSV, rewriting it whole (atomically: a crash leaves the old file or the new one). A CSV written
-    before a column existed gets that column at the end, empty in its old rows, so no column shifts under its
-    header."""
-    rows, header = [], list(FIELDS)
+def append_row(path: Path, row: dict[str, Any], fields: tuple[str, ...] = FIELDS) -> None:
+    """Add a row to the CSV of `fields` (results.csv's by default), rewriting it whole (atomically: a crash leaves the
+    old file or the new one). A CSV written before a column existed gets that column at the end, empty in its old
+    rows, so no column shifts under its header."""
+    rows, header = [], list(fields)
     if path.is_file():
         with open(path, newline="") as f:
             reader = csv.DictReader(f)
             rows, header = list(reader), list(reader.fieldnames or [])
-        header += [name for name in FIELDS if name not in header]
+        header += [name for name in fields if name not in header]
     rows.append({name: to_text(row.get(name)) for name in header})
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=header, restval="")
@@ -161,14 +178,14 @@ def append_row(path: Path, row: dict[str, Any]) -> None:
     atomic_write(path, lambda f: f.write(text.getvalue().encode()))
 
 
-def read_results(path: Path) -> list[dict[str, Any]]:
+def read_results(path: Path, fields: tuple[str, ...] = FIELDS) -> list[dict[str, Any]]:
     """The CSV's rows with numbers as numbers (by KINDS; a column the code no longer knows stays text); none when
-    there is no CSV yet. A column the CSV lacks reads as missing in every row."""
+    there is no CSV yet. A column the CSV lacks reads as missing in every row, a cell setting as its default."""
     if not path.is_file():
         return []
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
-    rows = [{name: from_text(KINDS.get(name, str), row.get(name) or "") for name in dict.fromkeys([*FIELDS, *row])}
+    rows = [{name: from_text(KINDS.get(name, str), row.get(name) or "") for name in dict.fromkeys([*fields, *row])}
             for row in rows]
     for row in rows:  # a cell setting newer than the CSV had its default in every run of it
         for name, default in DEFAULT._asdict().items():
@@ -202,6 +219,63 @@ def run_grid(runs: list[Run], args) -> int:
     return failed
 
 
+def refit_run(run: Run, args, judge, test_set) -> list[dict[str, Any]]:
+    """The priors.csv rows of one trained run: every PRIOR_VARIANTS density refitted to its training codes and judged
+    with SAMPLE_SEEDS, no retraining."""
+    model = load_cvae(paths(run, args.out_dir)[0])
+    outputs = model_outputs(model, judge, *test_set, samples_per_digit=2)  # the test set's side, computed once
+    rows = refit_priors(model, outputs, run.seed, args.data_dir, judge, args.samples_per_digit, PRIOR_VARIANTS,
+                        SAMPLE_SEEDS)
+    return [{"name": run.name, **run.cell._asdict(), **row} for row in rows]
+
+
+def refit_grid(runs: list[Run], args) -> int:
+    """--refit-priors: refit_run for each of `runs` with a checkpoint and no rows in priors.csv yet, appending its rows
+    as they come; returns how many runs were refitted."""
+    path = args.out_dir / "priors.csv"
+    done = {row["name"] for row in read_results(path, PRIOR_FIELDS)}
+    todo = [run for run in runs if run.name not in done and paths(run, args.out_dir)[0].is_file()]
+    print(f"{len(todo)} runs to refit, {len(done)} in {path}", flush=True)
+    judge, _ = load_judge()
+    test_set = load_test_set(args.data_dir) if todo else None
+    for run in todo:
+        for row in refit_run(run, args, judge, test_set):
+            append_row(path, row, PRIOR_FIELDS)
+        print(f"{run.name}: refitted {len(PRIOR_VARIANTS)} priors", flush=True)
+    return len(todo)
+
+
+def write_prior_table(rows: list[dict[str, Any]], path: Path) -> Path:
+    """priors.md: per cell and prior, over its seeds, how far the samples lie from the reconstructions, the marks a
+    prior aims for: the sample FID over the reconstruction FID (median, and the worst seed's), the conditional accuracy
+    less the reconstructions' accuracy (median, worst), and the spread between the two sample seeds' FIDs (median, as
+    a share of the reconstruction FID: a smaller difference is a tie); then every row."""
+    lines = ["| z | epochs | decoder | prior | seeds | FID gap, median (worst) | accuracy − recon acc., median (worst) "
+             "| sample-seed spread | fit (s) |", "|---|---|---|---|---|---|---|---|---|"]
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault((Cell(*(row[f] for f in Cell._fields)), row["prior"]), []).append(row)
+    order = list(PRIOR_VARIANTS)
+    for (cell, prior), group in sorted(groups.items(), key=lambda item: (item[0][0].latent_dim, item[0][0].epochs,
+                                                                         item[0][0].likelihood,
+                                                                         order.index(item[0][1]))):
+        per_seed: dict[int, list[dict]] = {}
+        for row in group:
+            per_seed.setdefault(row["seed"], []).append(row)
+        gaps = [statistics.mean(r["fid"] / r["recon_fid"] - 1 for r in rs) for rs in per_seed.values()]
+        margins = [statistics.mean(r["accuracy"] - r["recon_accuracy"] for r in rs) for rs in per_seed.values()]
+        spreads = [(max(r["fid"] for r in rs) - min(r["fid"] for r in rs)) / rs[0]["recon_fid"]
+                   for rs in per_seed.values()]
+        lines.append(f"| {cell.latent_dim} | {cell.epochs} | {cell.likelihood} | {prior} | {len(per_seed)} "
+                     f"| {100 * statistics.median(gaps):+.1f}% ({100 * max(gaps):+.1f}%) "
+                     f"| {100 * statistics.median(margins):+.2f} ({100 * min(margins):+.2f}) "
+                     f"| {100 * statistics.median(spreads):.1f}% | {statistics.median(r['fit_s'] for r in group):.1f} |")
+    header, rule = PRIOR_HEADER.splitlines()
+    lines += ["", "| run " + header, "|---" + rule] + [f"| {row['name']} " + prior_markdown(row) for row in rows]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
 # ----- the report ---------------------------------------------------------------------------------------------------
 def cells_of(rows: list[dict[str, Any]]) -> dict[Cell, list[dict[str, Any]]]:
     """The rows grouped by cell, in the grid's order: the Gaussian beta cells, then wider z, then longer training;
@@ -209,8 +283,10 @@ def cells_of(rows: list[dict[str, Any]]) -> dict[Cell, list[dict[str, Any]]]:
     groups: dict[Cell, list[dict[str, Any]]] = {}
     for row in rows:
         groups.setdefault(Cell(*(row[name] for name in Cell._fields)), []).append(row)
-    return dict(sorted(groups.items(), key=lambda item: (item[0].likelihood != "gaussian", item[0].epochs,
-                                                         item[0].latent_dim, item[0].kl_weight, -item[0].dropout)))
+    return dict(sorted(groups.items(), key=lambda item: (item[0].likelihood != "gaussian",
+                                                         item[0].lr_schedule != "constant", item[0].epochs,
+                                                         item[0].latent_dim, item[0].kl_weight, -item[0].dropout,
+                                                         item[0].lr_schedule, item[0].lr)))
 
 
 def spread(values: list[float], fmt: str, scale: float = 1.0) -> str:
@@ -228,16 +304,17 @@ MEDIAN_COLUMNS = [(f"{e.header or e.label}{' (%)' if e.unit == '%' else ''}", e.
 def write_table(rows: list[dict[str, Any]], path: Path) -> Path:
     """sweep.md: per cell, the median over its seeds and (in brackets) the smallest and largest value; then every
     run, cell by cell, one row per seed as seeds.py prints it."""
-    lines = ["| β | z | epochs | decoder | dropout | seeds | " + " | ".join(name for name, *_ in MEDIAN_COLUMNS)
-             + " |", "|" + "---|" * (6 + len(MEDIAN_COLUMNS))]
+    lines = ["| β | z | epochs | decoder | dropout | lr schedule | lr | seeds | "
+             + " | ".join(name for name, *_ in MEDIAN_COLUMNS) + " |", "|" + "---|" * (8 + len(MEDIAN_COLUMNS))]
     groups = cells_of(rows)
     for cell, group in groups.items():
         values = " | ".join(spread([row[key] for row in group], fmt, scale) for _, key, fmt, scale in MEDIAN_COLUMNS)
         lines.append(f"| {cell.kl_weight:g} | {cell.latent_dim} | {cell.epochs} | {cell.likelihood} "
-                     f"| {cell.dropout:g} | {len(group)} | {values} |")
+                     f"| {cell.dropout:g} | {cell.lr_schedule} | {cell.lr:g} | {len(group)} | {values} |")
     for cell, group in groups.items():
         lines += ["", f"β {cell.kl_weight:g}, z size {cell.latent_dim}, {cell.epochs} epochs, {cell.likelihood} "
-                      f"decoder, dropout {cell.dropout:g}:", "", row_header()]
+                      f"decoder, dropout {cell.dropout:g}, {cell.lr_schedule} learning rate {cell.lr:g}:", "",
+                  row_header()]
         lines += [row_markdown(row) for row in sorted(group, key=lambda row: row["seed"])]
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -257,9 +334,9 @@ def gaussian_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def beta_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The runs of the beta grid: the Gaussian decoder at the default z size, training length and dropout."""
-    return [row for row in gaussian_rows(rows) if (row["latent_dim"], row["epochs"], row["dropout"])
-            == (DEFAULT.latent_dim, DEFAULT.epochs, DEFAULT.dropout)]
+    """The runs of the beta grid: every setting but beta at its default."""
+    fixed = [field for field in Cell._fields if field != "kl_weight"]
+    return [row for row in rows if all(row[field] == getattr(DEFAULT, field) for field in fixed)]
 
 
 def beta_metrics(rows: list[dict[str, Any]]):
@@ -337,6 +414,10 @@ def build_parser() -> ArgParser:
                    help="print the train.py commands of the runs not yet trained, one per line, and exit")
     p.add_argument("--report-only", action="store_true",
                    help="write the table and figures from results.csv (its runs of --grid and --seeds), and exit")
+    p.add_argument("--refit-priors", action="store_true",
+                   help="refit every sampling prior of bench/seeds.py's PRIOR_VARIANTS to the trained runs of --grid "
+                        "and --seeds (no training), judge each with two sample seeds, and write priors.csv and "
+                        "priors.md")
     return p
 
 
@@ -349,6 +430,13 @@ def main(argv: list[str] | None = None) -> int:
     runs = grid_runs(args.grid, args.seeds, args.betas)  # the report, too, covers these runs only
     if args.report_only:
         print("Wrote", ", ".join(str(p) for p in write_report(csv_path, args.out_dir, runs)))
+        return 0
+    if args.refit_priors:
+        torch.set_num_threads(args.num_threads)  # nothing else runs beside the refits
+        refit_grid(runs, args)
+        names = {run.name for run in runs}
+        rows = [row for row in read_results(args.out_dir / "priors.csv", PRIOR_FIELDS) if row["name"] in names]
+        print("Wrote", write_prior_table(rows, args.out_dir / "priors.md"))
         return 0
     done = {row["name"] for row in read_results(csv_path)}
     todo = [run for run in runs if run.name not in done]

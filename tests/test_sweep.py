@@ -3,6 +3,7 @@ handmade results CSV. The training and judging of a run is faked here; test_eval
 from __future__ import annotations
 
 import csv
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -34,7 +35,8 @@ def train_line(out: Path, data: Path, beta: str, latent: int, epochs: int, seed:
 def result_row(beta: float, latent: int, epochs: int, seed: int, ckpt: Path | str = "none.ckpt", **numbers) -> dict:
     """A CSV row as sweep.py writes it, with made-up numbers (overridden by `numbers`)."""
     row = {"name": sweep.Run(sweep.Cell(beta, latent, epochs), seed).name, "kl_weight": beta, "latent_dim": latent,
-           "epochs": epochs, "likelihood": "gaussian", "dropout": 0.25, "seed": seed, "train_s": 60.0, "recon": 27.0,
+           "epochs": epochs, "likelihood": "gaussian", "dropout": 0.25, "lr_schedule": "constant", "lr": 1e-3,
+           "seed": seed, "train_s": 60.0, "recon": 27.0,
            "kl": 3.0, "mse": 0.03, "active_units": latent, "kl_dims": "1.5 1.5", "neg_elbo": 30.0,
            "iw_bound": 29.5, "nll": 478.2, "marginal_nll": 480.5, "class_accuracy": 0.9,
            "prior": "fitted", "accuracy": 0.99, "fid": 70.0, "recon_fid": 69.0, "recon_accuracy": 0.995,
@@ -72,9 +74,10 @@ def test_print_commands_prints_the_train_commands_of_the_runs_not_yet_done(tmp_p
     assert sorted(p.name for p in out.iterdir()) == ["ckpts", "results.csv"]  # printing writes nothing
 
 
-def test_the_whole_grid_is_fifteen_cells_on_three_seeds(tmp_path, capsys):
+def test_the_whole_grid_is_nineteen_cells_on_three_seeds(tmp_path, capsys):
     """beta (6 cells at z 2, 10 epochs), z (2, 4, 8, 16 at beta 1) and epochs (10, 20, 40): the default cell once;
-    then the Bernoulli decoder at z 2 and 40, with dropout 0.25 and 0."""
+    then the Bernoulli decoder at z 2 and 40, with dropout 0.25 and 0; then one-cycle and cosine at 10 and 20
+    epochs."""
     out, data = tmp_path / "sweep", tmp_path / "mnist"
     assert sweep.main(["--out-dir", str(out), "--data-dir", str(data), "--num-threads", "1",
                        "--print-commands"]) == 0
@@ -84,7 +87,9 @@ def test_the_whole_grid_is_fifteen_cells_on_three_seeds(tmp_path, capsys):
                 + [train_line(out, data, "1", 2, e, s) for e in (20, 40) for s in (0, 1, 2)]
                 + [train_line(out, data, "1", d, 10, s, f"--likelihood bernoulli {drop}",
                               "-bernoulli" + ("-dropout0" if drop else ""))
-                   for d in (2, 40) for drop in ("", "--dropout 0 ") for s in (0, 1, 2)])
+                   for d in (2, 40) for drop in ("", "--dropout 0 ") for s in (0, 1, 2)]
+                + [train_line(out, data, "1", 2, e, s, f"--lr-schedule {schedule} --lr 0.003 ", f"-{schedule}-lr0.003")
+                   for e in (10, 20) for schedule in ("one-cycle", "cosine") for s in (0, 1, 2)])
     assert printed == expected
 
 
@@ -167,16 +172,17 @@ def test_the_report_writes_the_table_and_three_figures(handmade, monkeypatch):
     medians, *per_cell = (out / "sweep.md").read_text().split("\n\n")
     lines = medians.splitlines()
     assert len(lines) == 2 + 5
-    assert lines[0].startswith("| β | z | epochs | decoder | dropout | seeds | distortion | KL (rate) | active units "
-                               "| −ELBO | IW bound | −log p(x), nats | as a classifier (%) | cond. acc. (%) "
-                               "| sample FID | train.py (s) |")
-    assert lines[2].startswith("| 0.5 | 2 | 10 | gaussian | 0.25 | 3 | 30.10 (30.00–30.20) | 2.00 (1.00–5.00) |")
+    assert lines[0].startswith("| β | z | epochs | decoder | dropout | lr schedule | lr | seeds | distortion "
+                               "| KL (rate) | active units | −ELBO | IW bound | −log p(x), nats | as a classifier (%) "
+                               "| cond. acc. (%) | sample FID | train.py (s) |")
+    cell = "gaussian | 0.25 | constant | 0.001"
+    assert lines[2].startswith(f"| 0.5 | 2 | 10 | {cell} | 3 | 30.10 (30.00–30.20) | 2.00 (1.00–5.00) |")  # medians
     assert "| 71.0 (70.0–74.0) |" in lines[3] and "| 2 (1–2) |" in lines[3]  # beta 1: FID, active units
-    assert lines[5].startswith("| 1 | 4 | 10 | gaussian | 0.25 | 1 | 25.00 (25.00–25.00) | 5.00 (5.00–5.00) |")
-    assert lines[6].startswith("| 1 | 2 | 20 | gaussian | 0.25 | 1 |") and lines[6].endswith("| – |")  # no time
+    assert lines[5].startswith(f"| 1 | 4 | 10 | {cell} | 1 | 25.00 (25.00–25.00) | 5.00 (5.00–5.00) |")
+    assert lines[6].startswith(f"| 1 | 2 | 20 | {cell} | 1 |") and lines[6].endswith("| – |")  # no time
     # Then every run, cell by cell, a row per seed as bench/seeds.py prints it.
-    assert per_cell[0] == "β 0.5, z size 2, 10 epochs, gaussian decoder, dropout 0.25:"
-    assert per_cell[8] == "β 1, z size 2, 20 epochs, gaussian decoder, dropout 0.25:"
+    assert per_cell[0] == "β 0.5, z size 2, 10 epochs, gaussian decoder, dropout 0.25, constant learning rate 0.001:"
+    assert per_cell[8] == "β 1, z size 2, 20 epochs, gaussian decoder, dropout 0.25, constant learning rate 0.001:"
     beta_half = per_cell[1].splitlines()
     assert len(beta_half) == 2 + 3 and [row.split(" | ")[0] for row in beta_half[2:]] == ["| 0", "| 1", "| 2"]
     assert beta_half[0] == ("| seed | train.py (s) | distortion | KL (rate) | MSE/pixel | active units | KL per dim "
@@ -218,9 +224,8 @@ def test_the_report_covers_only_the_runs_of_the_grids_and_seeds_asked_for(handma
     out = csv_path.parent
     assert sweep.main(["--report-only", "--grid", "beta", "--seeds", "0", "1", "--out-dir", str(out)]) == 0
     lines = median_lines(out)
-    assert [line.split(" | ")[:6] for line in lines[2:]] == [["| 0.5", "2", "10", "gaussian", "0.25", "2"],
-                                                            ["| 1", "2", "10", "gaussian", "0.25", "2"],
-                                                            ["| 2", "2", "10", "gaussian", "0.25", "2"]]
+    assert [line.split(" | ")[:8] for line in lines[2:]] == [
+        [f"| {beta}", "2", "10", "gaussian", "0.25", "constant", "0.001", "2"] for beta in ("0.5", "1", "2")]
     assert "| 60.5 (60.0–61.0) |" in lines[2]  # beta 0.5: the FID of seeds 0 and 1 only (seed 2's is 64)
     assert sweep.main(["--report-only", "--out-dir", str(out)]) == 0  # the default: every grid on seeds 0 1 2
     assert len(median_lines(out)) == 2 + 5
@@ -235,10 +240,11 @@ def test_betas_picks_cells_for_the_commands_and_the_report(handmade, capsys):
                                                     train_line(out, data, "1", 2, 10, 3)]
     assert sweep.main(["--report-only", "--betas", "2", "--out-dir", str(out)]) == 0
     lines = median_lines(out)
-    assert [line.split(" | ")[:6] for line in lines[2:]] == [["| 2", "2", "10", "gaussian", "0.25", "3"]]
+    assert [line.split(" | ")[:8] for line in lines[2:]] == [["| 2", "2", "10", "gaussian", "0.25", "constant",
+                                                             "0.001", "3"]]
 
 
-NEWER = ("likelihood", "dropout", "nll", "marginal_nll", "fid_gap", "recon_accuracy")  # added since the first sweep
+NEWER = ("likelihood", "dropout", "lr_schedule", "lr", "nll", "marginal_nll", "fid_gap", "recon_accuracy")  # since
 
 
 def test_a_csv_from_before_a_column_existed_still_reads_and_grows_without_shifting(tmp_path):
@@ -268,3 +274,57 @@ def test_a_csv_from_before_a_column_existed_still_reads_and_grows_without_shifti
     assert (second["seed"], second["fid"], second["fid_gap"], second["kl_dims"]) == (1, 80.0, 0.25, [1.25, 2.0])
     assert sweep.write_table([first, second], tmp_path / "sweep.md").is_file()
     assert "| 0 | 60.0 |" in (tmp_path / "sweep.md").read_text()  # the old row, its missing gap shown as "–"
+
+
+def test_the_schedule_grid_names_its_learning_rate_in_the_commands(tmp_path, capsys):
+    out, data = tmp_path / "sweep", tmp_path / "mnist"
+    assert sweep.main(["--grid", "schedule", "--seeds", "3", "--out-dir", str(out), "--data-dir", str(data),
+                       "--num-threads", "1", "--print-commands"]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        train_line(out, data, "1", 2, epochs, 3, f"--lr-schedule {schedule} --lr 0.003 ", f"-{schedule}-lr0.003")
+        for epochs in (10, 20) for schedule in ("one-cycle", "cosine")]
+
+
+def test_refit_priors_refits_each_prior_on_the_trained_checkpoint_without_training(tiny_ckpt, data_dir, tmp_path,
+                                                                                   monkeypatch, capsys):
+    """--refit-priors: each variant refitted to the run's training codes and judged with two sample seeds; the
+    checkpoint's own kind of prior, refitted, gives exactly the samples (and FID) test.py reports for it; a second
+    call finds nothing left to do."""
+    import json
+    import shutil
+
+    import prior
+
+    out = tmp_path / "sweep"
+    (out / "ckpts").mkdir(parents=True)
+    shutil.copy(tiny_ckpt, out / "ckpts" / "beta1-z2-e10-seed0.ckpt")  # the default cell's run on seed 0
+    monkeypatch.setattr(sweep, "PRIOR_VARIANTS", {"Gaussian per digit": ("per-class", 1), "flow": ("flow", 1)})
+    monkeypatch.setattr(prior, "FLOW_SETTINGS", {**prior.FLOW_SETTINGS, "steps": 30})
+    monkeypatch.setattr(sweep.subprocess, "run", lambda *a, **k: pytest.fail("--refit-priors trained"))
+    argv = ["--refit-priors", "--grid", "z", "--seeds", "0", "--out-dir", str(out), "--data-dir", str(data_dir),
+            "--samples-per-digit", "20", "--num-threads", "1"]
+    assert sweep.main(argv) == 0
+    rows = sweep.read_results(out / "priors.csv", sweep.PRIOR_FIELDS)
+    assert [(row["prior"], row["sample_seed"]) for row in rows] == [
+        ("Gaussian per digit", 0), ("Gaussian per digit", 1), ("flow", 0), ("flow", 1)]
+    assert all(row["name"] == "beta1-z2-e10-seed0" and row["latent_dim"] == 2 for row in rows)
+    assert rows[0]["fid"] != rows[1]["fid"] and rows[0]["fid"] != rows[2]["fid"]  # other seeds, another density
+
+    spec = importlib.util.spec_from_file_location("cvae_test_script", ROOT / "test.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.main(["--ckpt", str(tiny_ckpt), "--data-dir", str(data_dir), "--out-dir", str(tmp_path / "eval"),
+                        "--samples-per-digit", "20", "--iw-samples", "1", "--classify-per-digit", "1",
+                        "--classify-iw-samples", "1", "--manifold-steps", "2", "--run-dir", str(tmp_path)]) == 0
+    reported = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert rows[0]["fid"] == pytest.approx(reported["generation"]["fitted"]["fid"], rel=1e-9)
+    assert rows[0]["accuracy"] == pytest.approx(reported["generation"]["fitted"]["conditional_accuracy"])
+    assert rows[0]["recon_fid"] == pytest.approx(reported["reconstruction_fid"], rel=1e-9)
+    assert rows[0]["recon_accuracy"] == pytest.approx(reported["reconstruction_accuracy"])
+
+    table = (out / "priors.md").read_text().split("\n\n")[0].splitlines()
+    assert [line.split(" | ")[3] for line in table[2:]] == ["Gaussian per digit", "flow"]
+    capsys.readouterr()
+    assert sweep.main(argv) == 0
+    assert "0 runs to refit" in capsys.readouterr().out
+    assert len(sweep.read_results(out / "priors.csv", sweep.PRIOR_FIELDS)) == 4
