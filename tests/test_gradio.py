@@ -476,9 +476,9 @@ def test_the_code_endpoints_decode_every_dimension(tmp_path):
         assert_same_pixels(row[:, digit * 28:(digit + 1) * 28], decoded(model, [code], [digit])[0])
     # The manifold: the main sliders' square, the other dimensions at the code's values.
     centre = (0.5 / ui.GRID * 2 - 1) * ui.Z_RANGE  # the top-left cell: the smallest z[1], the largest z[3]
-    grid = explorer.manifold_grid(3, torch.tensor(code))
-    assert_same_pixels(grid[:28, :28], decoded(model, [[0.5, centre, 1.5, -centre]], [3])[0])
-    assert not np.array_equal(grid, explorer.manifold_grid(3))  # the other dimensions matter
+    shown = explorer.manifold_code(3, *code)  # RGB, the marker at z[1] = -1, z[3] = 2: far from the top-left cell
+    assert_same_pixels(shown[:28, :28, 0], decoded(model, [[0.5, centre, 1.5, -centre]], [3])[0])
+    assert not np.array_equal(shown, explorer.manifold(3, -1.0, 2.0))  # the other dimensions matter
     assert explorer.random_code(4) == pytest.approx(means[4].tolist(), abs=0.01)
     assert explorer.random_z(4) == pytest.approx(means[4, list(WIDE_DIMS)].tolist(), abs=0.01)
     with pytest.raises(ui.gr.Error, match="expected 4 values"):
@@ -586,16 +586,17 @@ def test_a_wide_page_in_a_real_browser(tmp_path):
                     box.press("Enter")
                     expect(box).to_have_value(str(value), timeout=30_000)
 
-                set_slider(2, 1.25)  # an other dimension: every picture follows
-                assert code() == [0.0, 0.0, 1.25, 0.0] and digit() == 7
-                shows(code(), 7)
-                set_slider(1, -0.5)  # a main one
-                assert code() == [0.0, -0.5, 1.25, 0.0]
-                shows(code(), 7)
+                # Each slider, the other dimensions' and the main ones': it alone moves, and every picture follows.
+                want = [0.0] * 4
+                for dim, value in ((2, 1.25), (0, -0.75), (1, -0.5), (3, 2.0)):
+                    set_slider(dim, value)
+                    want[dim] = value
+                    assert code() == want and digit() == 7
+                    shows(code(), 7)
 
                 page.locator("#digit label").filter(has_text="2").click()
                 expect(page.locator("#digit input[type=radio]:checked")).to_have_value("2", timeout=30_000)
-                assert code() == [0.0, -0.5, 1.25, 0.0]
+                assert code() == want
                 shows(code(), 2)
 
                 page.get_by_role("button", name="Random z").click()  # a whole code of digit 2's narrow prior
