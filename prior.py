@@ -5,7 +5,8 @@ exactly; decoding z ~ N(0, I) then lands partly in regions the decoder has rarel
 training codes after training and sampling from it ("ex-post density estimation", Ghosh et al. 2020, "From
 Variational to Deterministic Autoencoders") closes most of that gap. The kinds (train.py --prior):
 
-    per-class  a full-covariance Gaussian mixture per digit (--prior-components of them; 1 by default)
+    per-class  a full-covariance Gaussian mixture per digit (--prior-components of them; 10 by default: the sweep's
+               refits put it next to the training codes' own samples at every z, bench/README.md)
     global     one mixture for all digits, whatever the label
     flow       a normalizing flow conditioned on the digit (zuko's masked autoregressive flow, Papamakarios et al.
                2017), fitted by maximum likelihood
@@ -58,7 +59,9 @@ def fit_gmm_prior(z: torch.Tensor, labels: torch.Tensor, num_classes: int, kind:
 
     Returns {"kind", "weights" (C, K), "means" (C, K, D), "scale_tril" (C, K, D, D)} with C = num_classes or 1.
     A single component is the codes' mean and (maximum-likelihood) covariance, which is where EM lands; more
-    components are fitted by scikit-learn's EM. Both add REG_COVAR to the diagonal, as scikit-learn does.
+    components are fitted by scikit-learn's EM. Both add REG_COVAR to the diagonal, as scikit-learn does. A group with
+    fewer than two codes per component (a short run's rare digit) gets as many components as it has pairs of codes,
+    the rest of its K at weight 0, never drawn.
     """
     if kind not in MIXTURE_KINDS:
         raise ValueError(f"mixture kind must be one of {MIXTURE_KINDS}, got {kind!r}")
@@ -66,22 +69,22 @@ def fit_gmm_prior(z: torch.Tensor, labels: torch.Tensor, num_classes: int, kind:
     groups = [z_np[y_np == c] for c in range(num_classes)] if kind == "per-class" else [z_np]
     weights, means, tril = [], [], []
     for group in groups:
-        if len(group) < n_components * 2:
-            raise ValueError(f"too few codes ({len(group)}) to fit {n_components} components")
-        d = group.shape[1]
-        if n_components == 1:
-            # Closed form; also keeps scikit-learn's memory out of the default train.py run (bench/README.md).
+        if len(group) < 2:
+            raise ValueError(f"too few codes ({len(group)}) to fit a Gaussian")
+        d, k = group.shape[1], min(n_components, len(group) // 2)
+        if k == 1:
+            # Closed form, where EM lands for one component.
             weight, mean = np.ones(1), group.mean(axis=0, keepdims=True)
             cov = (np.cov(group, rowvar=False, bias=True).reshape(d, d) + REG_COVAR * np.eye(d))[None]
         else:
             from sklearn.mixture import GaussianMixture  # only needed for mixtures
 
-            gmm = GaussianMixture(n_components, covariance_type="full", reg_covar=REG_COVAR,
-                                  random_state=seed).fit(group)
+            gmm = GaussianMixture(k, covariance_type="full", reg_covar=REG_COVAR, random_state=seed).fit(group)
             weight, mean, cov = gmm.weights_, gmm.means_, gmm.covariances_
-        weights.append(weight)
-        means.append(mean)
-        tril.append(np.linalg.cholesky(cov))
+        unused = n_components - k  # weight 0, an identity covariance so the Cholesky factor exists
+        weights.append(np.concatenate([weight, np.zeros(unused)]))
+        means.append(np.concatenate([mean, np.zeros((unused, d))]))
+        tril.append(np.linalg.cholesky(np.concatenate([cov, np.tile(np.eye(d), (unused, 1, 1))])))
     return {
         "kind": kind,
         "weights": torch.tensor(np.stack(weights), dtype=torch.float32),
@@ -302,7 +305,7 @@ class FitPrior(Callback):
     the training images (as the model sees them: a Bernoulli model's through their fixed binarization); the final
     checkpoint stores it."""
 
-    def __init__(self, kind: str = "per-class", components: int = 1, seed: int = 0) -> None:
+    def __init__(self, kind: str = "per-class", components: int = 10, seed: int = 0) -> None:
         self.kind, self.components, self.seed = kind, components, seed
 
     def on_fit_end(self, trainer, pl_module) -> None:

@@ -63,13 +63,14 @@ def test_defaults_and_hyperparameters(model):
 
 def test_train_py_without_flags_trains_what_cvae_builds(tmp_path):
     """One recipe: `python train.py` with no model or data flags builds CVAE() and MNISTDataModule()'s recipe
-    (batch 100, 5,000 validation images), fits the per-digit Gaussian prior, and trains 10 epochs."""
+    (batch 100, 5,000 validation images), fits a mixture of 10 Gaussians per digit as the prior, and trains 10
+    epochs."""
     args = train.parse_args(["--ckpt", str(tmp_path / "c.ckpt"), "--run-dir", str(tmp_path / "run"),
                              "--data-dir", str(tmp_path / "data")])
     assert dict(train.build_model(args).hparams) == dict(CVAE().hparams)
     data = train.build_data(args)
     assert (data.batch_size, data.val_size, data.train_size, args.epochs) == (100, 5_000, None, 10)
-    assert (args.prior, args.prior_components) == ("per-class", 1)
+    assert (args.prior, args.prior_components) == ("per-class", 10)
 
 
 @pytest.mark.parametrize("shape", [(5, 1, 28, 28), (5, 784)])
@@ -295,7 +296,7 @@ def test_few_batch_run_writes_a_checkpoint_that_loads_and_samples(tiny_ckpt):
     assert not model.training
     images = model.sample(torch.arange(10))
     assert images.shape == (10, 1, 28, 28) and 0 <= images.min() and images.max() <= 1
-    assert model.fitted_prior["means"].shape == (10, 1, 2)
+    assert model.fitted_prior["means"].shape == (10, 10, 2)  # the default: ten Gaussians per digit
     # Lightning's own loader works too, with no extra arguments.
     assert CVAE.load_from_checkpoint(tiny_ckpt, weights_only=True).sample([3]).shape == (1, 1, 28, 28)
 

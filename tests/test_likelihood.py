@@ -123,7 +123,7 @@ def test_the_prior_is_fitted_to_the_fixed_binarization_of_the_training_images(be
     model, data = load_cvae(bernoulli_run.ckpt), bernoulli_run.probe.trainer.datamodule
     labels = data.splits["train"].labels
     binary = model.posterior_means(binarize(data.splits["train"].pixels), labels)
-    expected = fit_gmm_prior(binary, labels, 10, "per-class", 1, seed=SEED)
+    expected = fit_gmm_prior(binary, labels, 10, "per-class", 10, seed=SEED)  # the default, 10 per digit
     torch.testing.assert_close(model.fitted_prior["means"], expected["means"], rtol=1e-4, atol=1e-5)
     grey = fit_gmm_prior(model.posterior_means(data.splits["train"].pixels, labels), labels, 10)
     assert not torch.allclose(model.fitted_prior["means"], grey["means"], atol=1e-3)

@@ -48,6 +48,20 @@ def test_a_per_digit_mixture_draws_its_components_in_their_shares_with_their_mom
             torch.testing.assert_close(torch.cov(mine[nearest == k].T), cov, atol=0.005, rtol=0.1)
 
 
+def test_a_digit_with_few_codes_gets_fewer_components_the_rest_never_drawn():
+    """Ten Gaussians asked for, five codes of digit 3: two components for it (two codes each at least), eight at
+    weight 0; every other digit gets all ten, and digit 3's draws come from its two."""
+    z, labels = clusters(per_label=60)
+    keep = (labels != 3) | (torch.arange(len(labels)) % 60 < 5)
+    prior = fit_prior(z[keep], labels[keep], 10, "per-class", components=10, seed=0)
+    assert prior["weights"].shape == (10, 10)
+    assert int((prior["weights"][3] > 0).sum()) == 2 and (prior["weights"][[0, 9]] > 0).all()
+    check_prior(prior, 10, 3)
+    draws = sample_prior(prior, torch.full((2000,), 3), torch.Generator().manual_seed(0))
+    used = torch.cdist(draws, prior["means"][3]).argmin(dim=1).unique()
+    assert set(used.tolist()) <= set((prior["weights"][3] > 0).nonzero().flatten().tolist())
+
+
 def test_a_flow_draws_each_digits_codes_with_their_mean_and_spread():
     """The flow is conditioned on the digit: each label's samples have that label's mean and spread (the labels'
     means lie apart and their spreads differ, so one density for all would fail)."""

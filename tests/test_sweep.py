@@ -298,7 +298,7 @@ def test_refit_priors_refits_each_prior_on_the_trained_checkpoint_without_traini
     out = tmp_path / "sweep"
     (out / "ckpts").mkdir(parents=True)
     shutil.copy(tiny_ckpt, out / "ckpts" / "beta1-z2-e10-seed0.ckpt")  # the default cell's run on seed 0
-    monkeypatch.setattr(sweep, "PRIOR_VARIANTS", {"Gaussian per digit": ("per-class", 1), "flow": ("flow", 1)})
+    monkeypatch.setattr(sweep, "PRIOR_VARIANTS", {"10 Gaussians per digit": ("per-class", 10), "flow": ("flow", 1)})
     monkeypatch.setattr(prior, "FLOW_SETTINGS", {**prior.FLOW_SETTINGS, "steps": 30})
     monkeypatch.setattr(sweep.subprocess, "run", lambda *a, **k: pytest.fail("--refit-priors trained"))
     argv = ["--refit-priors", "--grid", "z", "--seeds", "0", "--out-dir", str(out), "--data-dir", str(data_dir),
@@ -306,7 +306,7 @@ def test_refit_priors_refits_each_prior_on_the_trained_checkpoint_without_traini
     assert sweep.main(argv) == 0
     rows = sweep.read_results(out / "priors.csv", sweep.PRIOR_FIELDS)
     assert [(row["prior"], row["sample_seed"]) for row in rows] == [
-        ("Gaussian per digit", 0), ("Gaussian per digit", 1), ("flow", 0), ("flow", 1)]
+        ("10 Gaussians per digit", 0), ("10 Gaussians per digit", 1), ("flow", 0), ("flow", 1)]
     assert all(row["name"] == "beta1-z2-e10-seed0" and row["latent_dim"] == 2 for row in rows)
     assert rows[0]["fid"] != rows[1]["fid"] and rows[0]["fid"] != rows[2]["fid"]  # other seeds, another density
 
@@ -323,7 +323,7 @@ def test_refit_priors_refits_each_prior_on_the_trained_checkpoint_without_traini
     assert rows[0]["recon_accuracy"] == pytest.approx(reported["reconstruction_accuracy"])
 
     table = (out / "priors.md").read_text().split("\n\n")[0].splitlines()
-    assert [line.split(" | ")[3] for line in table[2:]] == ["Gaussian per digit", "flow"]
+    assert [line.split(" | ")[3] for line in table[2:]] == ["10 Gaussians per digit", "flow"]
     capsys.readouterr()
     assert sweep.main(argv) == 0
     assert "0 runs to refit" in capsys.readouterr().out
