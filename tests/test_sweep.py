@@ -74,10 +74,10 @@ def test_print_commands_prints_the_train_commands_of_the_runs_not_yet_done(tmp_p
     assert sorted(p.name for p in out.iterdir()) == ["ckpts", "results.csv"]  # printing writes nothing
 
 
-def test_the_whole_grid_is_nineteen_cells_on_three_seeds(tmp_path, capsys):
+def test_the_whole_grid_is_twenty_one_cells_on_three_seeds(tmp_path, capsys):
     """beta (6 cells at z 2, 10 epochs), z (2, 4, 8, 16 at beta 1) and epochs (10, 20, 40): the default cell once;
-    then the Bernoulli decoder at z 2 and 40, with dropout 0.25 and 0; then one-cycle and cosine at 10 and 20
-    epochs."""
+    then the Bernoulli decoder at z 2 and 40, with dropout 0.25 and 0; then one-cycle and cosine peaking at 3e-3
+    over 10 and 20 epochs, and at 1e-3 over 10."""
     out, data = tmp_path / "sweep", tmp_path / "mnist"
     assert sweep.main(["--out-dir", str(out), "--data-dir", str(data), "--num-threads", "1",
                        "--print-commands"]) == 0
@@ -89,7 +89,9 @@ def test_the_whole_grid_is_nineteen_cells_on_three_seeds(tmp_path, capsys):
                               "-bernoulli" + ("-dropout0" if drop else ""))
                    for d in (2, 40) for drop in ("", "--dropout 0 ") for s in (0, 1, 2)]
                 + [train_line(out, data, "1", 2, e, s, f"--lr-schedule {schedule} --lr 0.003 ", f"-{schedule}-lr0.003")
-                   for e in (10, 20) for schedule in ("one-cycle", "cosine") for s in (0, 1, 2)])
+                   for e in (10, 20) for schedule in ("one-cycle", "cosine") for s in (0, 1, 2)]
+                + [train_line(out, data, "1", 2, 10, s, f"--lr-schedule {schedule} ", f"-{schedule}")
+                   for schedule in ("one-cycle", "cosine") for s in (0, 1, 2)])
     assert printed == expected
 
 
@@ -282,7 +284,9 @@ def test_the_schedule_grid_names_its_learning_rate_in_the_commands(tmp_path, cap
                        "--num-threads", "1", "--print-commands"]) == 0
     assert capsys.readouterr().out.splitlines() == [
         train_line(out, data, "1", 2, epochs, 3, f"--lr-schedule {schedule} --lr 0.003 ", f"-{schedule}-lr0.003")
-        for epochs in (10, 20) for schedule in ("one-cycle", "cosine")]
+        for epochs in (10, 20) for schedule in ("one-cycle", "cosine")] + [
+        train_line(out, data, "1", 2, 10, 3, f"--lr-schedule {schedule} ", f"-{schedule}")
+        for schedule in ("one-cycle", "cosine")]
 
 
 def test_refit_priors_refits_each_prior_on_the_trained_checkpoint_without_training(tiny_ckpt, data_dir, tmp_path,
