@@ -9,17 +9,20 @@ test.py judges.
     python bench/sweep.py --grid beta --seeds 0 1 2 3   # adds seed 3 to the beta cells; reports on those runs
     python bench/sweep.py --grid beta --seeds 0 1 2 3 --betas 0.5 1    # ... to two of them
     python bench/sweep.py --report-only                 # the table and figures from results.csv, no training
+    python bench/sweep.py --refit-priors --grid z       # refit every sampling prior to the z grid's checkpoints
 
 The grid (GRIDS): beta 0.25 ... 2 at z size 2 and 10 epochs; z size 2, 4, 8, 16 at beta 1; 10, 20 and 40 epochs at
 beta 1; the Bernoulli decoder at z 2 and 40, with dropout 0.25 and none (`--grid likelihood`; its rows are the
-Bernoulli decoder's nats, not squared errors, so the rate-distortion figure leaves them out). A run is one plain
-`python train.py --kl-weight B --latent-dim D --epochs E [--likelihood L] [--dropout P] --seed S ...` (the default
+Bernoulli decoder's nats, not squared errors, so the rate-distortion figure leaves them out); one-cycle and cosine
+learning-rate schedules at 1e-3 and 3e-3 (`--grid schedule`). A run is one plain `python train.py --kl-weight B
+--latent-dim D --epochs E [--likelihood L] [--dropout P] [--lr-schedule S --lr R] --seed S ...` (the default
 recipe otherwise: KL warm-up, fitted prior), then metrics.evaluate() on its checkpoint. Each run adds a row to
 OUT_DIR/results.csv when it is judged (its cell, then metrics.SUMMARY's numbers; a CSV written before a number
 existed reads that column as missing); a run already there is skipped, so an interrupted sweep continues where it
 stopped, and a run whose checkpoint exists is judged without training it again. From the CSV's rows of the chosen
 grids and seeds (write_report): sweep.md, the medians and ranges per cell, and three figures (figures.py):
-rate_distortion.png (Alemi et al. 2018), beta_metrics.png and beta_samples.png.
+rate_distortion.png (Alemi et al. 2018), beta_metrics.png and beta_samples.png. --refit-priors refits the sampling
+priors of bench/seeds.py's PRIOR_VARIANTS to trained runs, no training, into priors.csv and priors.md.
 """
 from __future__ import annotations
 
