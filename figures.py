@@ -74,7 +74,7 @@ def samples(images: torch.Tensor, seed: int, prior: str) -> Figure:
     ax.set_ylabel("requested digit", fontsize=12)
     ax.set_xticks([])
     ax.tick_params(length=0)
-    fig.suptitle(f"Samples of each digit\nz from {prior}, seed {seed}", fontsize=13, y=0.975)
+    fig.suptitle(f"Samples of each digit, seed {seed}\nz from {prior}", fontsize=11, y=0.975)
     return fig
 
 

@@ -587,3 +587,19 @@ def test_without_a_training_log_the_other_figures_are_still_written(tiny_ckpt, d
     assert f"No training log in {tmp_path / 'no-run'}" in printed
     expected = [name for name in figures.FIGSIZES if name != "training_curves.png"] + ["metrics.json"]
     assert sorted(p.name for p in out.iterdir()) == sorted(expected)
+
+
+@pytest.mark.parametrize("prior", [
+    {"kind": "global", "weights": torch.ones(1, 10)},  # the longest mixture: "one mixture of 10 Gaussians for all ..."
+    {"kind": "flow"}, {"kind": "codes"}, None])
+def test_the_samples_title_names_the_prior_inside_the_figure(prior):
+    """samples.png's title says which prior drew the samples, and every word of it lies inside the picture."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from prior import describe_prior
+
+    said = describe_prior("auto", prior)
+    fig = figures.samples(torch.zeros(10, 10, 28, 28), 3, said)
+    title = fig._suptitle
+    assert title.get_text() == f"Samples of each digit, seed 3\nz from {said}"
+    box = title.get_window_extent(FigureCanvasAgg(fig).get_renderer())
+    assert 0 <= box.x0 and box.x1 <= fig.bbox.width and box.y1 <= fig.bbox.height
