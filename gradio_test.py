@@ -6,11 +6,14 @@
 Pick a digit and move the z sliders: the decoded image follows while the slider moves. The page also shows the same z
 under all ten labels (style kept, digit changed), the digit's 2-D manifold with a marker at z, a button that samples z
 from the prior, and encodes a digit you draw or upload so the ten digits come out in your handwriting. With a latent
-wider than 2, the sliders set the two dimensions whose posterior means vary most over the MNIST test set (--data-dir).
+wider than 2, the main sliders set the two dimensions whose posterior means vary most over the MNIST test set
+(--data-dir), and a panel below them has a slider for each other dimension.
 
 Named API endpoints (for `gradio_client`; signatures in the README):
     /generate (digit, z0, z1) -> image     /style_row (z0, z1) -> image     /manifold (digit, z0, z1) -> image
     /random_z (digit) -> (z0, z1)           /style_transfer (image, digit) -> (image, z0, z1)
+and, for a latent wider than 2, the same on the whole code z0 ... z{d-1}: /generate_code, /style_row_code,
+/manifold_code, /random_code, /style_transfer_code.
 
 `build_app(model)` builds the page without serving it and `launch(app, host, port)` serves it, so tests and benchmarks
 can run the app in-process.
