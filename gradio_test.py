@@ -393,9 +393,10 @@ class Explorer:
 
     def transfer_code(self, z: torch.Tensor) -> tuple:
         """(style row, one slider value per dimension) of an encoded code, clamped to the sliders' range."""
-        values = tuple(to_slider(v) for v in z.tolist())
-        if max(abs(v) for v in z.tolist()) > Z_RANGE:
+        raw = z.tolist()
+        if max(abs(v) for v in raw) > Z_RANGE:
             gr.Warning(f"Part of its code lies outside the sliders' range of ±{Z_RANGE:g}; shown at the nearest edge.")
+        values = tuple(to_slider(v) for v in raw)
         return (self.row(torch.tensor(values)), *values)
 
 

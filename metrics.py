@@ -325,7 +325,7 @@ def evaluate(model: CVAE, outputs: Outputs, seed: int = 0, iw_samples: int = IW_
     return {
         "seed": seed,
         "model": {"latent_dim": model.hparams.latent_dim, "kl_weight": model.hparams.kl_weight,
-                  "fitted_prior": None if model.fitted_prior is None else model.fitted_prior.get("kind", "per-class"),
+                  "fitted_prior": None if model.fitted_prior is None else model.fitted_prior["kind"],
                   "sampling_prior": model.describe_prior(), "likelihood": model.hparams.likelihood},
         "prior_used": model.resolve_prior("auto"),
         "classifier": {"test_accuracy": (outputs.test.predictions == outputs.labels).double().mean().item(),

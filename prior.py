@@ -30,6 +30,7 @@ from pytorch_lightning.callbacks import Callback
 PRIORS = ("standard", "fitted")  # where `CVAE.sample` draws z from: N(0, I), or the density fitted after training
 PRIOR_KINDS = ("per-class", "global", "flow", "codes")  # the fitted densities (train.py --prior)
 MIXTURE_KINDS = ("per-class", "global")
+OLD_KIND = "per-class"  # the kind of a mixture saved before priors had kinds (it has no "kind")
 REG_COVAR = 1e-5  # added to every covariance's diagonal, so a nearly flat cluster still has a valid Cholesky factor
 # The flow: `transforms` autoregressive layers, each a network of two hidden layers of `hidden` units, fitted in
 # `steps` Adam steps (FLOW_LR) on batches of FLOW_BATCH codes, whatever the number of codes. A checkpoint's settings
@@ -138,27 +139,21 @@ def fit_flow_prior(z: torch.Tensor, labels: torch.Tensor, num_classes: int, seed
                 optimizer.step()
     finally:
         torch.set_num_threads(threads)
-    return {"kind": "flow", "settings": settings, "state": {k: v.detach().clone() for k, v in flow.state_dict().items()}}
+    state = {name: value.detach().clone() for name, value in flow.state_dict().items()}
+    return {"kind": "flow", "settings": settings, "state": state}
 
 
 # ----- checking and loading ------------------------------------------------------------------------------------------
 def check_prior(prior: Any, num_classes: int, latent_dim: int) -> None:
     """Raise ValueError unless `prior` is a well-formed density of one of PRIOR_KINDS for this model (guards checkpoints
     from elsewhere): sizes and settings are checked before anything is built from them."""
-    kind = prior.get("kind", "per-class") if isinstance(prior, dict) else None  # mixtures saved before kinds had one
+    kind = prior.get("kind", OLD_KIND) if isinstance(prior, dict) else None
     if kind in MIXTURE_KINDS:
         check_mixture(prior, num_classes, latent_dim)
     elif kind == "flow":
         check_flow(prior, num_classes, latent_dim)
     elif kind == "codes":
-        codes, labels = prior.get("codes"), prior.get("labels")
-        if not (isinstance(codes, torch.Tensor) and isinstance(labels, torch.Tensor) and codes.is_floating_point()
-                and codes.dim() == 2 and codes.shape[1] == latent_dim and labels.shape == codes.shape[:1]
-                and torch.isfinite(codes).all() and not labels.is_floating_point()):
-            raise ValueError(f"fitted_prior codes must be (N, {latent_dim}) finite floats with N integer labels")
-        if len(labels) == 0 or labels.min() < 0 or labels.max() >= num_classes \
-                or len(labels.unique()) < num_classes:
-            raise ValueError(f"fitted_prior codes must hold codes of every one of the {num_classes} labels")
+        check_codes(prior, num_classes, latent_dim)
     else:
         raise ValueError(f"fitted_prior must be a dict of one of the kinds {PRIOR_KINDS}")
 
@@ -179,6 +174,16 @@ def check_mixture(prior: dict, num_classes: int, latent_dim: int) -> None:
     if not (torch.isfinite(w).all() and torch.isfinite(m).all() and torch.isfinite(s).all()) or (w < 0).any() \
             or not (w.sum(dim=1) > 0).all():
         raise ValueError("fitted_prior holds non-finite values or invalid mixture weights")
+
+
+def check_codes(prior: dict, num_classes: int, latent_dim: int) -> None:
+    codes, labels = prior.get("codes"), prior.get("labels")
+    if not (isinstance(codes, torch.Tensor) and isinstance(labels, torch.Tensor) and codes.is_floating_point()
+            and codes.dim() == 2 and codes.shape[1] == latent_dim and labels.shape == codes.shape[:1]
+            and torch.isfinite(codes).all() and not labels.is_floating_point()):
+        raise ValueError(f"fitted_prior codes must be (N, {latent_dim}) finite floats with N integer labels")
+    if len(labels) == 0 or labels.min() < 0 or labels.max() >= num_classes or len(labels.unique()) < num_classes:
+        raise ValueError(f"fitted_prior codes must hold codes of every one of the {num_classes} labels")
 
 
 def check_flow(prior: dict, num_classes: int, latent_dim: int) -> None:
@@ -207,11 +212,12 @@ def check_flow(prior: dict, num_classes: int, latent_dim: int) -> None:
 
 def load_prior(prior: Any, num_classes: int, latent_dim: int) -> dict[str, Any] | None:
     """A checkpoint's "fitted_prior" (or None), checked against the model and moved to the CPU, where the sampler's
-    generator lives, whatever map_location said."""
+    generator lives, whatever map_location said; a mixture saved before priors had kinds gets its kind here, so every
+    other reader finds one."""
     if prior is None:
         return None
     check_prior(prior, num_classes, latent_dim)
-    return to_cpu(prior)
+    return to_cpu({"kind": OLD_KIND, **prior})
 
 
 def to_cpu(value: Any) -> Any:
@@ -223,7 +229,7 @@ def to_cpu(value: Any) -> Any:
 # ----- sampling ------------------------------------------------------------------------------------------------------
 def sample_prior(prior: dict[str, Any], labels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """Draw one z per label from a fitted density: (N, D) on the CPU, all randomness from `generator`."""
-    kind = prior.get("kind", "per-class")
+    kind = prior["kind"]
     if kind == "flow":
         return sample_flow(prior, labels, generator)
     if kind == "codes":
@@ -278,7 +284,7 @@ def describe_prior(name: str, fitted: dict[str, Any] | None) -> str:
     """The prior `name` ("auto", "standard" or "fitted") in words, for the printed report, the figures and the UI."""
     if resolve_prior(name, fitted) == "standard":
         return "the standard normal N(0, I)"
-    kind = fitted.get("kind", "per-class")
+    kind = fitted["kind"]
     if kind == "flow":
         return "a normalizing flow conditioned on the digit, fitted to the training codes"
     if kind == "codes":

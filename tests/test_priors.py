@@ -101,7 +101,7 @@ def test_sampling_is_seeded_by_the_generator_and_leaves_the_global_rng_alone(kin
     assert describe_prior("fitted", prior).endswith(("training codes", "at random"))
 
 
-# ----- through train.py and the checkpoint ------------------------------------------------------------------------------
+# ----- through train.py and the checkpoint ----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def flow_ckpt(data_dir, tmp_path_factory):
     """Two tiny runs (a few batches) with --prior flow and --prior codes."""
@@ -143,3 +143,17 @@ def test_a_damaged_or_oversized_flow_is_refused_in_one_line(damage, words, flow_
         load_cvae(tmp_path / "bad.ckpt")
     assert "\n" not in str(err.value)
     check_prior(safe_torch_load(flow_ckpt / "flow.ckpt")["fitted_prior"], 10, 3)  # the undamaged one passes
+
+
+def test_a_mixture_saved_before_priors_had_kinds_loads_as_one_per_digit(tiny_ckpt, tmp_path):
+    """A checkpoint whose fitted mixture has no "kind" (written before the flow and the codes existed) loads as the
+    per-digit mixture it was: described, sampled and reported as one, with the same draws as the file's own."""
+    checkpoint = safe_torch_load(tiny_ckpt)
+    del checkpoint["fitted_prior"]["kind"]
+    torch.save(checkpoint, tmp_path / "old.ckpt")
+    old, new = load_cvae(tmp_path / "old.ckpt"), load_cvae(tiny_ckpt)
+    assert old.fitted_prior["kind"] == new.fitted_prior["kind"] == "per-class"
+    assert old.describe_prior() == new.describe_prior()
+    labels = torch.arange(10).repeat(5)
+    torch.testing.assert_close(old.sample_z(labels, generator=torch.Generator().manual_seed(3)),
+                               new.sample_z(labels, generator=torch.Generator().manual_seed(3)), rtol=0, atol=0)
