@@ -50,9 +50,8 @@ from checkpoint import atomic_write  # noqa: E402
 from classifier import load_judge  # noqa: E402
 from cli import ArgParser, bounded  # noqa: E402
 from dataset import DEFAULT_DATA_DIR, load_test_set  # noqa: E402
-from metrics import CLASSIFY_IW_SAMPLES, CLASSIFY_PER_DIGIT, IW_SAMPLES, SUMMARY, summary  # noqa: E402
+from metrics import CLASSIFY_IW_SAMPLES, CLASSIFY_PER_DIGIT, IW_SAMPLES, SUMMARY, model_outputs, summary  # noqa: E402
 from model import load_cvae  # noqa: E402
-from metrics import model_outputs  # noqa: E402
 from seeds import (PRIOR_HEADER, PRIOR_VARIANTS, RUN_COLUMNS, judge_checkpoint, prior_markdown,  # noqa: E402
                    refit_priors, row_header, row_markdown, train, train_command)
 
@@ -255,15 +254,14 @@ def write_prior_table(rows: list[dict[str, Any]], path: Path) -> Path:
     prior aims for: the sample FID over the reconstruction FID (median, and the worst seed's), the conditional accuracy
     less the reconstructions' accuracy (median, worst), and the spread between the two sample seeds' FIDs (median, as
     a share of the reconstruction FID: a smaller difference is a tie); then every row."""
-    lines = ["| z | epochs | decoder | prior | seeds | FID gap, median (worst) | accuracy − recon acc., median (worst) "
-             "| sample-seed spread | fit (s) |", "|---|---|---|---|---|---|---|---|---|"]
-    groups: dict[tuple, list[dict[str, Any]]] = {}
-    for row in rows:
-        groups.setdefault((Cell(*(row[f] for f in Cell._fields)), row["prior"]), []).append(row)
+    lines = [f"{CELL_HEADER} prior | seeds | FID gap, median (worst) | accuracy − recon acc., median (worst) "
+             "| sample-seed spread | fit (s) |", "|" + "---|" * (CELL_COLUMNS + 6)]
     order = list(PRIOR_VARIANTS)
-    for (cell, prior), group in sorted(groups.items(), key=lambda item: (item[0][0].latent_dim, item[0][0].epochs,
-                                                                         item[0][0].likelihood,
-                                                                         order.index(item[0][1]))):
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for cell, cell_rows in cells_of(rows).items():
+        for row in sorted(cell_rows, key=lambda row: order.index(row["prior"])):
+            groups.setdefault((cell, row["prior"]), []).append(row)
+    for (cell, prior), group in groups.items():
         per_seed: dict[int, list[dict]] = {}
         for row in group:
             per_seed.setdefault(row["seed"], []).append(row)
@@ -271,10 +269,11 @@ def write_prior_table(rows: list[dict[str, Any]], path: Path) -> Path:
         margins = [statistics.mean(r["accuracy"] - r["recon_accuracy"] for r in rs) for rs in per_seed.values()]
         spreads = [(max(r["fid"] for r in rs) - min(r["fid"] for r in rs)) / rs[0]["recon_fid"]
                    for rs in per_seed.values()]
-        lines.append(f"| {cell.latent_dim} | {cell.epochs} | {cell.likelihood} | {prior} | {len(per_seed)} "
+        lines.append(f"{cell_columns(cell)} {prior} | {len(per_seed)} "
                      f"| {100 * statistics.median(gaps):+.1f}% ({100 * max(gaps):+.1f}%) "
                      f"| {100 * statistics.median(margins):+.2f} ({100 * min(margins):+.2f}) "
-                     f"| {100 * statistics.median(spreads):.1f}% | {statistics.median(r['fit_s'] for r in group):.1f} |")
+                     f"| {100 * statistics.median(spreads):.1f}% "
+                     f"| {statistics.median(r['fit_s'] for r in group):.1f} |")
     header, rule = PRIOR_HEADER.splitlines()
     lines += ["", "| run " + header, "|---" + rule] + [f"| {row['name']} " + prior_markdown(row) for row in rows]
     path.write_text("\n".join(lines) + "\n")
@@ -294,6 +293,16 @@ def cells_of(rows: list[dict[str, Any]]) -> dict[Cell, list[dict[str, Any]]]:
                                                          item[0].lr_schedule, item[0].lr)))
 
 
+# A cell's settings, the first columns of sweep.md and priors.md.
+CELL_HEADER = "| β | z | epochs | decoder | dropout | lr schedule | lr |"
+CELL_COLUMNS = CELL_HEADER.count("|") - 1
+
+
+def cell_columns(cell: Cell) -> str:
+    return (f"| {cell.kl_weight:g} | {cell.latent_dim} | {cell.epochs} | {cell.likelihood} | {cell.dropout:g} "
+            f"| {cell.lr_schedule} | {cell.lr:g} |")
+
+
 def spread(values: list[float], fmt: str, scale: float = 1.0) -> str:
     """'median (min–max)' of the values over seeds; NaN (a train time not measured, a number the run's row lacks)
     left out."""
@@ -309,13 +318,12 @@ MEDIAN_COLUMNS = [(f"{e.header or e.label}{' (%)' if e.unit == '%' else ''}", e.
 def write_table(rows: list[dict[str, Any]], path: Path) -> Path:
     """sweep.md: per cell, the median over its seeds and (in brackets) the smallest and largest value; then every
     run, cell by cell, one row per seed as seeds.py prints it."""
-    lines = ["| β | z | epochs | decoder | dropout | lr schedule | lr | seeds | "
-             + " | ".join(name for name, *_ in MEDIAN_COLUMNS) + " |", "|" + "---|" * (8 + len(MEDIAN_COLUMNS))]
+    lines = [f"{CELL_HEADER} seeds | " + " | ".join(name for name, *_ in MEDIAN_COLUMNS) + " |",
+             "|" + "---|" * (CELL_COLUMNS + 1 + len(MEDIAN_COLUMNS))]
     groups = cells_of(rows)
     for cell, group in groups.items():
         values = " | ".join(spread([row[key] for row in group], fmt, scale) for _, key, fmt, scale in MEDIAN_COLUMNS)
-        lines.append(f"| {cell.kl_weight:g} | {cell.latent_dim} | {cell.epochs} | {cell.likelihood} "
-                     f"| {cell.dropout:g} | {cell.lr_schedule} | {cell.lr:g} | {len(group)} | {values} |")
+        lines.append(f"{cell_columns(cell)} {len(group)} | {values} |")
     for cell, group in groups.items():
         lines += ["", f"β {cell.kl_weight:g}, z size {cell.latent_dim}, {cell.epochs} epochs, {cell.likelihood} "
                       f"decoder, dropout {cell.dropout:g}, {cell.lr_schedule} learning rate {cell.lr:g}:", "",

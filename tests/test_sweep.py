@@ -327,7 +327,8 @@ def test_refit_priors_refits_each_prior_on_the_trained_checkpoint_without_traini
     assert rows[0]["recon_accuracy"] == pytest.approx(reported["reconstruction_accuracy"])
 
     table = (out / "priors.md").read_text().split("\n\n")[0].splitlines()
-    assert [line.split(" | ")[3] for line in table[2:]] == ["10 Gaussians per digit", "flow"]
+    assert [line.split(" | ")[7] for line in table[2:]] == ["10 Gaussians per digit", "flow"]
+    assert all(line.startswith("| 1 | 2 | 10 | gaussian | 0.25 | constant | 0.001 | ") for line in table[2:])
     capsys.readouterr()
     assert sweep.main(argv) == 0
     assert "0 runs to refit" in capsys.readouterr().out
