@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from checkpoint import CheckpointError, atomic_torch_save, safe_torch_load
-from torch_utils import eval_mode
+from torch_utils import batched, eval_mode
 
 JUDGE_FILE = "weights/digit_cnn.pt"  # relative to the repo
 JUDGE_PATH = Path(__file__).resolve().parent / JUDGE_FILE
@@ -87,13 +87,13 @@ def features_and_predictions(model: DigitCNN, images: torch.Tensor, batch_size: 
     if not images.is_floating_point():
         raise TypeError(f"images must be floats in [0, 1], got {images.dtype}")
     device = next(model.parameters()).device
-    feats, preds = [], []
+
+    def judge(x):  # one batch -> (features, predictions) on the CPU
+        f = model.features(x.to(device))
+        return f.double().cpu(), model.classify(f).argmax(dim=1).cpu()
+
     with eval_mode(model):
-        for i in range(0, len(images), batch_size):
-            f = model.features(images[i:i + batch_size].to(device))
-            feats.append(f.double().cpu())
-            preds.append(model.classify(f).argmax(dim=1).cpu())
-    return torch.cat(feats), torch.cat(preds)
+        return batched(judge, images, batch_size=batch_size)
 
 
 def fid(feats_a: torch.Tensor | np.ndarray, feats_b: torch.Tensor | np.ndarray) -> float:

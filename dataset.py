@@ -250,12 +250,14 @@ class MNISTDataModule(pl.LightningDataModule):
     labels; `splits[name]` keeps the uint8 pixels (see TensorPairDataset).
     `train_size` keeps only the first N training images after the split (for quick experiments and tests).
     `binarize` serves them as a Bernoulli model sees them (see binarize): training batches drawn afresh, the
-    validation and test splits held as their fixed binarization.
+    validation and test splits held as their fixed binarization. The model being trained decides: left at None, the
+    images follow its `sees_binary_images` (model.CVAE: its likelihood) once a Trainer attaches both; a True or False
+    that contradicts the model stops the run in one line, so a model never trains on images it does not score.
     """
 
     def __init__(self, data_dir: str | Path = DEFAULT_DATA_DIR, batch_size: int = 100, val_size: int = 5_000,
                  seed: int = 0, train_size: int | None = None, device: str | torch.device | None = None,
-                 binarize: bool = False):
+                 binarize: bool | None = None):
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -268,8 +270,22 @@ class MNISTDataModule(pl.LightningDataModule):
     def prepare_data(self) -> None:
         prepare_mnist(self.data_dir)
 
+    def binary(self) -> bool:
+        """Whether the images are served binarized: `binarize`, or, left at None, as the model the Trainer fits sees
+        them (grey without one). Raises DataError when `binarize` contradicts that model."""
+        model = self.trainer.lightning_module if self.trainer is not None else None
+        sees = getattr(model, "sees_binary_images", None)
+        if self.binarize is None:
+            return bool(sees)
+        if sees is not None and sees != self.binarize:
+            scores = "binarized" if sees else "grey"
+            raise DataError(f"MNISTDataModule(binarize={self.binarize}) disagrees with the model, which scores {scores} "
+                            f"images; leave binarize out (the data follows the model) or pass binarize={sees}")
+        return self.binarize
+
     def setup(self, stage: str | None = None) -> None:
-        if self.splits:
+        binary = self.binary()
+        if self.splits and self.splits["train"].binarize == binary:
             return
         # All three splits at once, whatever the stage: a damaged test file is found before training, not after.
         images, labels = load_split(self.data_dir, train=True)
@@ -281,16 +297,16 @@ class MNISTDataModule(pl.LightningDataModule):
         test_images, test_labels = load_split(self.data_dir, train=False)
         for name, x, y in (("train", images[train_idx], labels[train_idx]), ("val", images[val_idx], labels[val_idx]),
                            ("test", test_images, test_labels)):
-            if self.binarize and name != "train":
+            if binary and name != "train":
                 x = binarize(x)
             # On CUDA the whole set lives on the device, so a batch is a gather in GPU memory.
             self.splits[name] = TensorPairDataset(x.to(self.device) if self.device else x,
                                                   y.to(self.device) if self.device else y,
-                                                  binarize=self.binarize and name == "train")
+                                                  binarize=binary and name == "train")
 
     def fixed_pixels(self, split: str) -> torch.Tensor:
-        """A split's uint8 pixels as the model sees them outside training batches: grey, or with `binarize` their
-        fixed binarization (the validation and test splits hold theirs already)."""
+        """A split's uint8 pixels as the model sees them outside training batches: grey, or when served binarized
+        their fixed binarization (the validation and test splits hold theirs already)."""
         dataset = self.splits[split]
         return binarize(dataset.pixels) if dataset.binarize else dataset.pixels
 

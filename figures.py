@@ -1,11 +1,13 @@
 """Every figure the repo draws, from tensors and arrays: none of these functions runs a model, so the same picture can
-be drawn from test.py's model outputs (metrics.py) or from a sweep's saved numbers (bench/sweep.py).
+be drawn from test.py's model outputs (metrics.py) or from a sweep's saved numbers (bench/sweep.py). The training
+log's reader sits beside the figure that draws it (training_curves).
 
 Each function returns a matplotlib Figure (the object API: no pyplot global state, no GUI backend); `save` writes it.
 test.py's figures are exactly FIGSIZES[name] * DPI pixels (no tight bounding box), so tests can check their size.
 """
 from __future__ import annotations
 
+import csv
 import math
 import statistics
 from pathlib import Path
@@ -183,6 +185,34 @@ def analogies(inputs: torch.Tensor, input_labels: torch.Tensor, grid: torch.Tens
     fig.suptitle("One handwriting style, ten digits\neach row: z = posterior mean of the test image on the left, "
                  "decoded under every label", fontsize=12)
     return fig
+
+
+def first_of_each_digit(labels: torch.Tensor, num_classes: int, block: int = 0) -> torch.Tensor:
+    """The index of the (block + 1)-th image of every digit, digit 0's first: (num_classes,). reconstructions.png
+    shows these."""
+    return torch.stack([torch.nonzero(labels == c)[block, 0] for c in range(num_classes)])
+
+
+def read_training_log(run_dir: str | Path, names: Sequence[str]) -> dict[str, dict[int, float]]:
+    """The per-epoch values of the columns `names` (e.g. "train_recon") in RUN_DIR/logs/version_*/metrics.csv, as
+    {name: {epoch: value}}; empty when the run has no log.
+
+    Every train.py process logs to a new version. A version whose first epoch is 0 starts a run, and replaces what the
+    versions before it hold; a later one is that run resumed and continues it (its values win for an epoch logged
+    twice: one logged after the last checkpoint of a killed process and trained again), so a resumed run gives one
+    continuous curve."""
+    versions = {p: p.parent.name.removeprefix("version_") for p in Path(run_dir).glob("logs/version_*/metrics.csv")}
+    curves: dict[str, dict[int, float]] = {}
+    for path in sorted((p for p, n in versions.items() if n.isdigit()), key=lambda p: int(versions[p])):
+        with open(path, newline="") as f:
+            rows = [row for row in csv.DictReader(f) if any(row.get(name) for name in names)]
+        if rows and min(int(row["epoch"]) for row in rows) == 0:
+            curves = {}
+        for row in rows:
+            for name in names:
+                if row.get(name):
+                    curves.setdefault(name, {})[int(row["epoch"])] = float(row[name])
+    return curves
 
 
 def training_curves(curves: dict[str, dict[int, float]], warmup_epochs: float, run_name: str) -> Figure:

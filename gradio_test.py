@@ -38,7 +38,8 @@ from torchvision.utils import make_grid
 from checkpoint import CheckpointError, CheckpointNotFound
 from cli import DEFAULT_CKPT, ArgParser, bounded, fail
 from dataset import DEFAULT_DATA_DIR, DataError, load_test_set, prepare_mnist
-from model import informative_dims, latent_name, load_cvae
+from latent import informative_dims, latent_name
+from model import load_cvae
 
 if __name__ == "__main__" and not os.environ.get("GRADIO_SERVER_PORT", "7860").isdigit():
     # gradio parses this variable when imported and dies with a traceback on a non-number.

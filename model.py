@@ -30,8 +30,8 @@ from torchmetrics import MeanMetric
 
 from checkpoint import CheckpointError, safe_torch_load
 from dataset import binarize, to_float_images
-from prior import describe_prior, draw_z, load_prior, resolve_prior
-from torch_utils import eval_mode
+from prior import describe_prior, load_density, resolve_prior, sample_z
+from torch_utils import batched, eval_mode
 
 STAGES = ("train", "val", "test")
 TERMS = ("loss", "recon", "kl")  # what elbo_loss returns, in that order
@@ -54,29 +54,6 @@ def kl_per_dim(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     Closed form (Kingma & Welling 2014, Appendix B): -1/2 * (1 + logvar - mean^2 - exp(logvar)).
     """
     return -0.5 * (1 + logvar - mean.pow(2) - logvar.exp())
-
-
-def activity(means: torch.Tensor) -> torch.Tensor:
-    """How much each latent dimension's posterior mean varies over a data set: (N, latent) means -> (latent,)
-    variances (Burda et al. 2016, section 5.2). A dimension the encoder does not use has a mean that does not
-    depend on x, and variance near 0."""
-    return means.double().var(dim=0)
-
-
-def informative_dims(means: torch.Tensor) -> tuple[int, ...]:
-    """The latent dimensions a 2-D picture of z shows: all of them when there are at most two, otherwise the two with
-    the largest activity (posterior-mean variance over `means`), in index order. test.py's latent_scatter.png and
-    manifold.png and the UI's sliders use these."""
-    d = means.shape[1]
-    if d <= 2:
-        return tuple(range(d))
-    return tuple(sorted(activity(means).topk(2).indices.tolist()))
-
-
-def latent_name(dim: int, latent_dim: int) -> str:
-    """What the figures, the printed table and the UI's sliders call latent dimension `dim`: z0 and z1 when they are
-    the whole code, z[i] in a wider one."""
-    return f"z{dim}" if latent_dim <= 2 else f"z[{dim}]"
 
 
 LIKELIHOODS = ("gaussian", "bernoulli")  # how the decoder's output scores an image: p(x | z, y)
@@ -201,7 +178,8 @@ class CVAE(pl.LightningModule):
         self.image_dim = image_size * image_size
         self.encoder = Encoder(self.image_dim, num_classes, encoder_dims, latent_dim, dropout)
         self.decoder = Decoder(latent_dim, num_classes, decoder_dims, self.image_dim, dropout)
-        # The sampling prior fitted after training (prior.FitPrior); plain tensors, saved in the checkpoint.
+        # The fitted prior's density (prior.py), fitted after training (prior.FitPrior); plain tensors, saved in the
+        # checkpoint as "fitted_prior".
         self.fitted_prior: dict[str, Any] | None = None
         self.warmup_steps = 0.0  # the KL warm-up in training steps, set when training starts (on_train_start)
         # Running means of the loss terms, one per stage and term ("train_loss" ... "test_kl"), updated every step
@@ -269,17 +247,23 @@ class CVAE(pl.LightningModule):
         or "auto" (fitted when the model has one). Returns (N, latent_dim)."""
         labels = torch.as_tensor(labels).reshape(-1).long()
         self._onehot(labels)  # validates the labels
-        z = draw_z(prior, self.fitted_prior, labels, self.hparams.latent_dim, generator)
+        z = sample_z(prior, self.fitted_prior, labels, self.hparams.latent_dim, generator)
         return z.to(self.device, self.dtype)
 
     def resolve_prior(self, prior: str) -> str:
         """The prior `sample` uses for `prior` ("auto": the fitted one when the model has it); see prior.py."""
         return resolve_prior(prior, self.fitted_prior)
 
+    @property
+    def sees_binary_images(self) -> bool:
+        """Whether this model scores binarized images (the Bernoulli decoder) or grey ones. The one owner of that
+        choice: MNISTDataModule serves its batches by it, and `observe` applies it outside training."""
+        return self.hparams.likelihood == "bernoulli"
+
     def observe(self, images: torch.Tensor) -> torch.Tensor:
         """Images (grey, in [0, 1]) as this model sees and scores them outside training: as they are for the Gaussian
         decoder, their fixed binarization (dataset.binarize) for the Bernoulli one."""
-        return binarize(images) if self.hparams.likelihood == "bernoulli" else images
+        return binarize(images) if self.sees_binary_images else images
 
     def describe_prior(self, prior: str = "auto") -> str:
         """The prior `sample` uses for `prior`, in words (e.g. "a Gaussian per digit, fitted to the training codes")."""
@@ -308,15 +292,13 @@ class CVAE(pl.LightningModule):
 
         images: floats in [0, 1], or raw uint8 pixels (0..255), scaled batch by batch as training scaled them (so the
         55k training images never exist as one float tensor)."""
-        means, logvars = [], []
+        def encode(x, y):  # one batch -> (means, logvars) on the CPU
+            x = to_float_images(x) if x.dtype == torch.uint8 else x
+            mean, logvar = self.encode(x.to(self.device), y.to(self.device))
+            return mean.float().cpu(), logvar.float().cpu()
+
         with eval_mode(self):
-            for i in range(0, len(images), batch_size):
-                x = images[i:i + batch_size]
-                x = to_float_images(x) if x.dtype == torch.uint8 else x
-                mean, logvar = self.encode(x.to(self.device), labels[i:i + batch_size].to(self.device))
-                means.append(mean.float().cpu())
-                logvars.append(logvar.float().cpu())
-        return torch.cat(means), torch.cat(logvars)
+            return batched(encode, images, labels, batch_size=batch_size)
 
     def posterior_means(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 2_000) -> torch.Tensor:
         """The means of `posterior`: (N, latent_dim) on the CPU."""
@@ -401,7 +383,7 @@ class CVAE(pl.LightningModule):
             checkpoint["fitted_prior"] = self.fitted_prior
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.fitted_prior = load_prior(checkpoint.get("fitted_prior"), self.hparams.num_classes,
+        self.fitted_prior = load_density(checkpoint.get("fitted_prior"), self.hparams.num_classes,
                                        self.hparams.latent_dim)
 
 

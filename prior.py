@@ -12,9 +12,13 @@ Variational to Deterministic Autoencoders") closes most of that gap. The kinds (
                2017), fitted by maximum likelihood
     codes      the training codes themselves, one drawn at random: no density does better on them, the yardstick
 
+The words, here and everywhere in the repo: the *prior* is where a sample's z comes from, "standard" (N(0, I)) or
+"fitted" ("auto": the fitted one when the model has it); the fitted prior's *density* is the dict of tensors fitted
+after training; its *kind* (PRIOR_KINDS, above) is the density's family.
+
 Here: each density as plain tensors and bounded settings (so a checkpoint holding it still loads with
-weights_only=True), its fit (`fit_prior`), its check (`check_prior`, before anything is built), its sampler
-(`sample_prior`, `draw_z`, seeded by the caller's generator) and the callback that fits it when training ends
+weights_only=True), its fit (`fit_density`), its check (`check_density`, before anything is built), its sampler
+(`sample_density`, `sample_z`, seeded by the caller's generator) and the callback that fits it when training ends
 (`FitPrior`). The model only holds the density (`CVAE.fitted_prior`, saved as the checkpoint's "fitted_prior") and
 calls these functions.
 """
@@ -41,20 +45,20 @@ FLOW_BATCH, FLOW_LR = 1024, 1e-3
 
 
 # ----- fitting ------------------------------------------------------------------------------------------------------
-def fit_prior(z: torch.Tensor, labels: torch.Tensor, num_classes: int, kind: str = "per-class",
+def fit_density(z: torch.Tensor, labels: torch.Tensor, num_classes: int, kind: str = "per-class",
               components: int = 1, seed: int = 0) -> dict[str, Any]:
     """Fit the density `kind` (PRIOR_KINDS) to codes z (N, D) with their labels (N,); `components` counts a mixture's
     Gaussians. Returns the density as plain tensors and settings (its "kind" first)."""
     if kind in MIXTURE_KINDS:
-        return fit_gmm_prior(z, labels, num_classes, kind, components, seed)
+        return fit_mixture(z, labels, num_classes, kind, components, seed)
     if kind == "flow":
-        return fit_flow_prior(z, labels, num_classes, seed=seed)
+        return fit_flow(z, labels, num_classes, seed=seed)
     if kind == "codes":
         return {"kind": "codes", "codes": z.float().cpu().clone(), "labels": labels.long().cpu().clone()}
     raise ValueError(f"prior kind must be one of {PRIOR_KINDS}, got {kind!r}")
 
 
-def fit_gmm_prior(z: torch.Tensor, labels: torch.Tensor, num_classes: int, kind: str = "per-class",
+def fit_mixture(z: torch.Tensor, labels: torch.Tensor, num_classes: int, kind: str = "per-class",
                   n_components: int = 1, seed: int = 0) -> dict[str, Any]:
     """Fit a full-covariance Gaussian mixture to codes z (N, D): one per class ("per-class") or one for all ("global").
 
@@ -101,17 +105,17 @@ def build_flow(latent_dim: int, num_classes: int, transforms: int, hidden: int, 
     return zuko.flows.MAF(latent_dim, num_classes, transforms=transforms, hidden_features=[hidden, hidden])
 
 
-def flow_of(prior: dict[str, Any]):
-    """The flow module of a fitted flow prior, its weights loaded (strictly: a tensor that does not fit raises). The
+def flow_of(density: dict[str, Any]):
+    """The flow module of a fitted flow density, its weights loaded (strictly: a tensor that does not fit raises). The
     initial weights it is built with are drawn from a forked RNG, so building it leaves the global random state
     alone."""
     with torch.random.fork_rng(devices=[]):
-        flow = build_flow(**prior["settings"])
-    flow.load_state_dict(prior["state"])
+        flow = build_flow(**density["settings"])
+    flow.load_state_dict(density["state"])
     return flow
 
 
-def fit_flow_prior(z: torch.Tensor, labels: torch.Tensor, num_classes: int, seed: int = 0,
+def fit_flow(z: torch.Tensor, labels: torch.Tensor, num_classes: int, seed: int = 0,
                    **settings: int) -> dict[str, Any]:
     """Fit a flow (build_flow; FLOW_SETTINGS, overridden by `settings`) to codes z (N, D) by maximum likelihood, on
     the CPU and one thread (its small batches gain nothing from more, and the weights then do not depend on the thread
@@ -144,26 +148,26 @@ def fit_flow_prior(z: torch.Tensor, labels: torch.Tensor, num_classes: int, seed
 
 
 # ----- checking and loading ------------------------------------------------------------------------------------------
-def check_prior(prior: Any, num_classes: int, latent_dim: int) -> None:
-    """Raise ValueError unless `prior` is a well-formed density of one of PRIOR_KINDS for this model (guards checkpoints
+def check_density(density: Any, num_classes: int, latent_dim: int) -> None:
+    """Raise ValueError unless `density` is a well-formed density of one of PRIOR_KINDS for this model (guards checkpoints
     from elsewhere): sizes and settings are checked before anything is built from them."""
-    kind = prior.get("kind", OLD_KIND) if isinstance(prior, dict) else None
+    kind = density.get("kind", OLD_KIND) if isinstance(density, dict) else None
     if kind in MIXTURE_KINDS:
-        check_mixture(prior, num_classes, latent_dim)
+        check_mixture(density, num_classes, latent_dim)
     elif kind == "flow":
-        check_flow(prior, num_classes, latent_dim)
+        check_flow(density, num_classes, latent_dim)
     elif kind == "codes":
-        check_codes(prior, num_classes, latent_dim)
+        check_codes(density, num_classes, latent_dim)
     else:
         raise ValueError(f"fitted_prior must be a dict of one of the kinds {PRIOR_KINDS}")
 
 
-def check_mixture(prior: dict, num_classes: int, latent_dim: int) -> None:
-    if not all(isinstance(prior.get(name), torch.Tensor) for name in ("weights", "means", "scale_tril")):
+def check_mixture(density: dict, num_classes: int, latent_dim: int) -> None:
+    if not all(isinstance(density.get(name), torch.Tensor) for name in ("weights", "means", "scale_tril")):
         raise ValueError("fitted_prior must hold tensors 'weights', 'means' and 'scale_tril'")
-    w, m, s = prior["weights"], prior["means"], prior["scale_tril"]
+    w, m, s = density["weights"], density["means"], density["scale_tril"]
     if not w.is_floating_point() or not w.dtype == m.dtype == s.dtype:
-        # sample_prior mixes them in one matmul and multinomial draw
+        # sample_density mixes them in one matmul and multinomial draw
         raise ValueError(f"fitted_prior tensors must share one floating-point dtype, got {w.dtype}, {m.dtype}, "
                          f"{s.dtype}")
     mixtures, components = w.shape if w.dim() == 2 else (None, None)
@@ -176,8 +180,8 @@ def check_mixture(prior: dict, num_classes: int, latent_dim: int) -> None:
         raise ValueError("fitted_prior holds non-finite values or invalid mixture weights")
 
 
-def check_codes(prior: dict, num_classes: int, latent_dim: int) -> None:
-    codes, labels = prior.get("codes"), prior.get("labels")
+def check_codes(density: dict, num_classes: int, latent_dim: int) -> None:
+    codes, labels = density.get("codes"), density.get("labels")
     if not (isinstance(codes, torch.Tensor) and isinstance(labels, torch.Tensor) and codes.is_floating_point()
             and codes.dim() == 2 and codes.shape[1] == latent_dim and labels.shape == codes.shape[:1]
             and torch.isfinite(codes).all() and not labels.is_floating_point()):
@@ -186,11 +190,11 @@ def check_codes(prior: dict, num_classes: int, latent_dim: int) -> None:
         raise ValueError(f"fitted_prior codes must hold codes of every one of the {num_classes} labels")
 
 
-def check_flow(prior: dict, num_classes: int, latent_dim: int) -> None:
+def check_flow(density: dict, num_classes: int, latent_dim: int) -> None:
     """The settings are integers within FLOW_BOUNDS and match the model; the tensors have exactly the shapes a flow of
     those settings has (built only once the bounds hold, so a crafted file cannot ask for a huge one) and are
     finite."""
-    settings, state = prior.get("settings"), prior.get("state")
+    settings, state = density.get("settings"), density.get("state")
     if not isinstance(settings, dict) or not isinstance(state, dict) \
             or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError("fitted_prior flow must hold 'settings' and a 'state' of tensors")
@@ -202,7 +206,7 @@ def check_flow(prior: dict, num_classes: int, latent_dim: int) -> None:
         raise ValueError(f"fitted_prior flow is for latent_dim {settings.get('latent_dim')} and "
                          f"{settings.get('num_classes')} classes, not {latent_dim} and {num_classes}")
     try:
-        flow_of(prior)
+        flow_of(density)
     except (RuntimeError, TypeError) as err:
         raise ValueError(f"fitted_prior flow tensors do not fit its settings: {' '.join(str(err).split())[:200]}"
                          ) from None
@@ -210,14 +214,14 @@ def check_flow(prior: dict, num_classes: int, latent_dim: int) -> None:
         raise ValueError("fitted_prior flow holds non-finite values")
 
 
-def load_prior(prior: Any, num_classes: int, latent_dim: int) -> dict[str, Any] | None:
+def load_density(density: Any, num_classes: int, latent_dim: int) -> dict[str, Any] | None:
     """A checkpoint's "fitted_prior" (or None), checked against the model and moved to the CPU, where the sampler's
     generator lives, whatever map_location said; a mixture saved before priors had kinds gets its kind here, so every
     other reader finds one."""
-    if prior is None:
+    if density is None:
         return None
-    check_prior(prior, num_classes, latent_dim)
-    return to_cpu({"kind": OLD_KIND, **prior})
+    check_density(density, num_classes, latent_dim)
+    return to_cpu({"kind": OLD_KIND, **density})
 
 
 def to_cpu(value: Any) -> Any:
@@ -227,21 +231,21 @@ def to_cpu(value: Any) -> Any:
 
 
 # ----- sampling ------------------------------------------------------------------------------------------------------
-def sample_prior(prior: dict[str, Any], labels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+def sample_density(density: dict[str, Any], labels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """Draw one z per label from a fitted density: (N, D) on the CPU, all randomness from `generator`."""
-    kind = prior["kind"]
+    kind = density["kind"]
     if kind == "flow":
-        return sample_flow(prior, labels, generator)
+        return sample_flow(density, labels, generator)
     if kind == "codes":
-        return sample_codes(prior, labels, generator)
-    return sample_mixture(prior, labels, generator)
+        return sample_codes(density, labels, generator)
+    return sample_mixture(density, labels, generator)
 
 
-def sample_mixture(prior: dict[str, Any], labels: torch.Tensor, generator: torch.Generator | None = None
+def sample_mixture(density: dict[str, Any], labels: torch.Tensor, generator: torch.Generator | None = None
                    ) -> torch.Tensor:
     """z = mean + L eps from a component drawn by its weight, so cov(z) = L L^T, the fitted covariance."""
     # (C, K), (C, K, D), (C, K, D, D): one mixture of K components per class, or C = 1 shared by all digits
-    weights, means, scale_tril = prior["weights"], prior["means"], prior["scale_tril"]
+    weights, means, scale_tril = density["weights"], density["means"], density["scale_tril"]
     rows = labels if weights.shape[0] > 1 else torch.zeros_like(labels)
     comp = torch.multinomial(weights[rows], 1, generator=generator).squeeze(1)  # (N,) component of each draw
     eps = torch.randn(len(labels), means.shape[-1], 1, generator=generator, dtype=means.dtype)  # (N, D, 1)
@@ -249,61 +253,63 @@ def sample_mixture(prior: dict[str, Any], labels: torch.Tensor, generator: torch
 
 
 @torch.no_grad()
-def sample_flow(prior: dict[str, Any], labels: torch.Tensor, generator: torch.Generator | None = None
+def sample_flow(density: dict[str, Any], labels: torch.Tensor, generator: torch.Generator | None = None
                 ) -> torch.Tensor:
     """z = f^-1(eps | y) with eps ~ N(0, I) from `generator`: the flow maps codes to noise, its inverse noise to
     codes."""
-    settings = prior["settings"]
+    settings = density["settings"]
     eps = torch.randn(len(labels), settings["latent_dim"], generator=generator)
-    return flow_of(prior)(F.one_hot(labels.long(), settings["num_classes"]).float()).transform.inv(eps)
+    return flow_of(density)(F.one_hot(labels.long(), settings["num_classes"]).float()).transform.inv(eps)
 
 
-def sample_codes(prior: dict[str, Any], labels: torch.Tensor, generator: torch.Generator | None = None
+def sample_codes(density: dict[str, Any], labels: torch.Tensor, generator: torch.Generator | None = None
                  ) -> torch.Tensor:
     """A training code of each label's digit, drawn uniformly among them."""
-    order = torch.argsort(prior["labels"], stable=True)  # the codes grouped by digit
-    counts = torch.bincount(prior["labels"])  # every digit has codes (check_prior)
+    order = torch.argsort(density["labels"], stable=True)  # the codes grouped by digit
+    counts = torch.bincount(density["labels"])  # every digit has codes (check_density)
     starts = torch.cumsum(counts, 0) - counts
     picks = starts[labels] + (torch.rand(len(labels), generator=generator) * counts[labels]).long()
-    return prior["codes"][order[picks]]
+    return density["codes"][order[picks]]
 
 
-def resolve_prior(name: str, fitted: dict[str, Any] | None) -> str:
-    """Map "auto" to "fitted" when there is a fitted prior, else "standard"; reject unknown names and a missing fitted
-    prior."""
-    if name == "auto":
-        return "fitted" if fitted is not None else "standard"
-    if name not in PRIORS:
-        raise ValueError(f"prior must be one of {('auto',) + PRIORS}, got {name!r}")
-    if name == "fitted" and fitted is None:
+def resolve_prior(prior: str, density: dict[str, Any] | None) -> str:
+    """The prior z is drawn from: "auto" is "fitted" when the model has a fitted density, else "standard"; an unknown
+    prior, or "fitted" without a density, is a ValueError."""
+    if prior == "auto":
+        return "fitted" if density is not None else "standard"
+    if prior not in PRIORS:
+        raise ValueError(f"prior must be one of {('auto',) + PRIORS}, got {prior!r}")
+    if prior == "fitted" and density is None:
         raise ValueError("this model has no fitted prior (train.py fits one unless --prior none)")
-    return name
+    return prior
 
 
-def describe_prior(name: str, fitted: dict[str, Any] | None) -> str:
-    """The prior `name` ("auto", "standard" or "fitted") in words, for the printed report, the figures and the UI."""
-    if resolve_prior(name, fitted) == "standard":
+def describe_prior(prior: str, density: dict[str, Any] | None) -> str:
+    """The prior ("auto", "standard" or "fitted", with the model's fitted density) in words, for the printed report,
+    the figures and the UI."""
+    if resolve_prior(prior, density) == "standard":
         return "the standard normal N(0, I)"
-    kind = fitted["kind"]
+    kind = density["kind"]
     if kind == "flow":
         return "a normalizing flow conditioned on the digit, fitted to the training codes"
     if kind == "codes":
         return "the training codes themselves, one drawn at random"
-    components = fitted["weights"].shape[1]
-    density = "a Gaussian" if components == 1 else f"a mixture of {components} Gaussians"
+    components = density["weights"].shape[1]
+    mixture = "a Gaussian" if components == 1 else f"a mixture of {components} Gaussians"
     if kind == "global":
-        density = f"one {density.removeprefix('a ')} for all digits"
+        mixture = f"one {mixture.removeprefix('a ')} for all digits"
     else:
-        density = f"{density} per digit"
-    return f"{density}, fitted to the training codes"
+        mixture = f"{mixture} per digit"
+    return f"{mixture}, fitted to the training codes"
 
 
-def draw_z(name: str, fitted: dict[str, Any] | None, labels: torch.Tensor, latent_dim: int,
-           generator: torch.Generator | None = None) -> torch.Tensor:
-    """One z per label (N,) from the prior `name` ("auto", "standard" or "fitted"): (N, latent_dim) on the CPU."""
-    if resolve_prior(name, fitted) == "standard":
+def sample_z(prior: str, density: dict[str, Any] | None, labels: torch.Tensor, latent_dim: int,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+    """One z per label (N,) from the prior ("auto", "standard" or "fitted", with the model's fitted density):
+    (N, latent_dim) on the CPU."""
+    if resolve_prior(prior, density) == "standard":
         return torch.randn(len(labels), latent_dim, generator=generator)
-    return sample_prior(fitted, labels.cpu(), generator)
+    return sample_density(density, labels.cpu(), generator)
 
 
 class FitPrior(Callback):
@@ -318,5 +324,5 @@ class FitPrior(Callback):
         data = trainer.datamodule
         labels = data.splits["train"].labels
         z = pl_module.posterior_means(data.fixed_pixels("train"), labels)  # the images as the model sees them
-        pl_module.fitted_prior = fit_prior(z, labels.cpu(), pl_module.hparams.num_classes, self.kind,
+        pl_module.fitted_prior = fit_density(z, labels.cpu(), pl_module.hparams.num_classes, self.kind,
                                            self.components, seed=self.seed)

@@ -5,8 +5,9 @@
 
 Writes into --out-dir: metrics.json, samples.png, manifold.png, latent_scatter.png, reconstructions.png, analogies.png
 and training_curves.png (from the run's metrics.csv), and prints the metrics as a report. It loads the checkpoint,
-runs the model over the test set once (metrics.model_outputs), computes every number from those outputs
-(metrics.evaluate; how each is computed is documented there) and draws the figures from them (figures.py).
+runs the model once (metrics.model_outputs: the test set, the samples and the decodes the figures show), computes every
+number from those outputs (metrics.evaluate; how each is computed is documented there), prints them (report.py) and
+draws the figures from the same outputs (figures.py), without running the model again.
 """
 from __future__ import annotations
 
@@ -23,7 +24,9 @@ from checkpoint import CheckpointError
 from classifier import JUDGE_FILE, load_judge
 from cli import DEFAULT_CKPT, DEFAULT_RUN_DIR, ArgParser, UsageError, bounded, check_output_file, fail, parse_device
 from dataset import DEFAULT_DATA_DIR, DataError, load_test_set, prepare_mnist
-from model import CVAE, informative_dims, latent_name, load_cvae
+from latent import latent_name
+from model import load_cvae, metric_names
+from report import report
 
 
 def build_parser() -> ArgParser:
@@ -38,7 +41,7 @@ def build_parser() -> ArgParser:
     p.add_argument("--num-threads", type=bounded(int, 1), default=1, help="CPU threads for torch")
     p.add_argument("--samples-per-digit", type=bounded(int, 2), default=1_000,
                    help="prior samples per digit for conditional accuracy and FID")
-    p.add_argument("--manifold-steps", type=bounded(int, 2, 50), default=15, help="grid size of each manifold panel")
+    p.add_argument("--manifold-steps", type=bounded(int, 2, 50), default=metrics.MANIFOLD_STEPS, help="grid size of each manifold panel")
     p.add_argument("--iw-samples", type=bounded(int, 1, 10_000), default=metrics.IW_SAMPLES,
                    help="samples of z per test image for the importance-weighted likelihood bound")
     p.add_argument("--classify-per-digit", type=bounded(int, 1), default=metrics.CLASSIFY_PER_DIGIT,
@@ -54,31 +57,25 @@ def build_parser() -> ArgParser:
     return p
 
 
-def draw(model: CVAE, outputs: metrics.Outputs, out_dir: Path, seed: int, manifold_steps: int,
-         run_dir: Path) -> list[Path]:
-    """Write the figures into out_dir: each from the evaluation's outputs, or from a few more decodes of the model
-    (the manifold's grid, the analogies' rows, ten samples of each digit); training_curves.png from the run's log."""
-    num_classes, side, latent_dim = model.hparams.num_classes, model.hparams.image_size, model.hparams.latent_dim
-    dims = informative_dims(outputs.means)  # the two latent dimensions a 2-D picture shows
+def draw_figures(outputs: metrics.Outputs, out_dir: Path, seed: int, prior: str, curves: dict,
+                 kl_warmup_epochs: float, run_name: str) -> list[Path]:
+    """Write the figures into out_dir, each drawn from the evaluation's outputs (the model is not run here); `prior`
+    is the samples' prior in words; training_curves.png from `curves` (the run's log), when it has any."""
+    num_classes, latent_dim = len(outputs.decodes.analogies[0]), outputs.means.shape[1]
+    decodes, dims = outputs.decodes, outputs.decodes.dims
     names = [latent_name(i, latent_dim) for i in dims]
-    prior = model.resolve_prior("auto")
-    grid, _ = metrics.generate(model, prior, 10, seed)
-    pairs = torch.stack([metrics.first_of_each_digit(outputs.labels, num_classes, block) for block in (0, 1)])
+    pairs = torch.stack([figures.first_of_each_digit(outputs.labels, num_classes, block) for block in (0, 1)])
+    shown = len(decodes.analogies)  # analogies.png's rows: the first test images
     drawn = {
-        "samples.png": figures.samples(grid.reshape(num_classes, 10, side, side), seed, model.describe_prior(prior)),
-        "manifold.png": figures.manifold(*metrics.manifold(model, manifold_steps, dims), names, latent_dim,
+        "samples.png": figures.samples(decodes.sample_grid, seed, prior),
+        "manifold.png": figures.manifold(decodes.manifold, decodes.manifold_values, names, latent_dim,
                                          metrics.MANIFOLD_QUANTILES),
         "latent_scatter.png": figures.latent_scatter(outputs.means[:, list(dims)], outputs.labels, names, latent_dim),
         "reconstructions.png": figures.reconstructions(outputs.images[pairs, 0], outputs.reconstructions[pairs, 0]),
-        "analogies.png": figures.analogies(outputs.images[:8, 0], outputs.labels[:8],
-                                           metrics.analogies(model, outputs.means[:8])),
+        "analogies.png": figures.analogies(outputs.images[:shown, 0], outputs.labels[:shown], decodes.analogies),
     }
-    curves = metrics.read_training_log(run_dir)
     if curves:
-        drawn["training_curves.png"] = figures.training_curves(curves, model.hparams.kl_warmup_epochs, str(run_dir))
-    else:
-        print(f"No training log in {run_dir} (logs/version_*/metrics.csv); training_curves.png not written "
-              f"(pass the run's --run-dir)")
+        drawn["training_curves.png"] = figures.training_curves(curves, kl_warmup_epochs, run_name)
     return [figures.save(fig, out_dir / name) for name, fig in drawn.items()]
 
 
@@ -103,14 +100,20 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Device: {device}; checkpoint {args.ckpt} (latent_dim {model.hparams.latent_dim}, samples from "
           f"{model.describe_prior()})", flush=True)
 
-    outputs = metrics.model_outputs(model, judge, images, labels, args.samples_per_digit, args.seed)
+    outputs = metrics.model_outputs(model, judge, images, labels, args.samples_per_digit, args.seed,
+                                    args.manifold_steps)
     numbers = {"checkpoint": str(args.ckpt), "judge": {"weights": str(args.judge or JUDGE_FILE), "sha256": judge_sha256},
                **metrics.evaluate(model, outputs, args.seed, args.iw_samples, args.classify_per_digit,
                                   args.classify_iw_samples)}
-    print(metrics.report(numbers))
+    print(report(numbers))
 
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    written = draw(model, outputs, args.out_dir, args.seed, args.manifold_steps, args.run_dir)
+    curves = figures.read_training_log(args.run_dir, metric_names("train", "val"))
+    if not curves:
+        print(f"No training log in {args.run_dir} (logs/version_*/metrics.csv); training_curves.png not written "
+              f"(pass the run's --run-dir)")
+    written = draw_figures(outputs, args.out_dir, args.seed, model.describe_prior(), curves,
+                           model.hparams.kl_warmup_epochs, str(args.run_dir))
     metrics_path = args.out_dir / "metrics.json"
     metrics_path.write_text(json.dumps(numbers, indent=2) + "\n")
     print(f"\nWrote {', '.join(p.name for p in written)} and {metrics_path.name} to {args.out_dir}/ "

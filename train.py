@@ -42,6 +42,13 @@ MODEL, DATA, PRIOR = defaults(CVAE), defaults(MNISTDataModule), defaults(FitPrio
 
 def build_parser() -> ArgParser:
     p = ArgParser(description="Train a conditional VAE on MNIST.")
+    add_recipe_flags(p)
+    add_run_flags(p)
+    return p
+
+
+def add_recipe_flags(p: ArgParser) -> None:
+    """What is trained, and how: the model, its objective and the optimisation."""
     g = p.add_argument_group("model and objective")
     g.add_argument("--latent-dim", type=bounded(int, 1), default=MODEL["latent_dim"], help="size of z")
     g.add_argument("--kl-weight", type=bounded(float, 0), default=MODEL["kl_weight"], help="beta: weight of the KL "
@@ -73,6 +80,10 @@ def build_parser() -> ArgParser:
                    help="the rate over the run, step by step: constant; one-cycle (from lr/25 up to lr over the first "
                         "30%% of the steps, then down to lr/25e4); cosine (from lr down to 0)")
     g.add_argument("--seed", type=bounded(int, 0), default=0, help="random seed (weights, split, shuffling)")
+
+
+def add_run_flags(p: ArgParser) -> None:
+    """Where the data comes from, where the run goes, and what it runs on."""
     g = p.add_argument_group("data")
     g.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR, help="where MNIST is (or is written)")
     g.add_argument("--val-size", type=bounded(int, 1, TRAIN_SIZE - 1), default=DATA["val_size"],
@@ -103,7 +114,6 @@ def build_parser() -> ArgParser:
     g.add_argument("--limit-val-batches", type=bounded(int, 0), default=None,
                    help="validate on this many batches per epoch")
     g.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    return p
 
 
 def parse_args(argv: list[str] | None = None):
@@ -281,12 +291,11 @@ def build_model(args) -> CVAE:
 
 
 def build_data(args, device: torch.device | None = None) -> MNISTDataModule:
-    """MNIST as train.py's flags describe it. On CUDA the data set is moved to the device once; elsewhere batches
-    stay in host memory."""
+    """MNIST as train.py's flags describe it (binarized or grey as the model scores images: the data module follows
+    the model). On CUDA the data set is moved to the device once; elsewhere batches stay in host memory."""
     on_gpu = device is not None and device.type == "cuda"
     return MNISTDataModule(args.data_dir, batch_size=args.batch_size, val_size=args.val_size, seed=args.seed,
-                           train_size=args.train_size, device=device if on_gpu else None,
-                           binarize=args.likelihood == "bernoulli")
+                           train_size=args.train_size, device=device if on_gpu else None)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,7 +4,7 @@
     python bench/seeds.py --train-args "--kl-warmup-epochs 0"   # the recipe without warm-up, for comparison
     python bench/seeds.py --compare-priors                 # also refit other sampling priors on each checkpoint
 
-One row per seed: the time of its `python train.py`, then metrics.SUMMARY, the numbers test.py reports that travel
+One row per seed: the time of its `python train.py`, then report.SUMMARY, the numbers test.py reports that travel
 into tables (KL, distortion, active units, the bounds, the CVAE's accuracy as a classifier, conditional accuracy and
 sample FID with the prior the checkpoint samples from, the reconstruction FID, and the same two with N(0, I)).
 Checkpoints go to --out-dir; an existing checkpoint for a seed is reused with --reuse (same flags assumed).
@@ -28,21 +28,21 @@ sys.path.insert(0, str(ROOT))
 PRIOR_VARIANTS = {"Gaussian per digit": ("per-class", 1), "3 Gaussians per digit": ("per-class", 3),
                   "10 Gaussians per digit": ("per-class", 10), "10 Gaussians for all": ("global", 10),
                   "flow": ("flow", 1), "training codes": ("codes", 1)}
-# A row's first columns, before metrics.SUMMARY's: (key, title).
+# A row's first columns, before report.SUMMARY's: (key, title).
 RUN_COLUMNS = (("seed", "seed"), ("train_s", "train.py (s)"))
 
 
 def row_header() -> str:
-    """The markdown header of seed rows: RUN_COLUMNS, then a column per metrics.SUMMARY entry."""
-    from metrics import SUMMARY
+    """The markdown header of seed rows: RUN_COLUMNS, then a column per report.SUMMARY entry."""
+    from report import SUMMARY
 
     titles = [title for _, title in RUN_COLUMNS] + [entry.header or entry.label for entry in SUMMARY]
     return "| " + " | ".join(titles) + " |\n" + "|---" * len(titles) + "|"
 
 
 def row_markdown(row: dict[str, Any]) -> str:
-    """One seed's row (RUN_COLUMNS and metrics.SUMMARY's keys) as a markdown line; "–" for a missing value."""
-    from metrics import SUMMARY, format_value
+    """One seed's row (RUN_COLUMNS and report.SUMMARY's keys) as a markdown line; "–" for a missing value."""
+    from report import SUMMARY, format_value
 
     train_s = row["train_s"]
     cells = [str(row["seed"]), "–" if train_s != train_s else f"{train_s:.1f}"]  # NaN: a reused checkpoint
@@ -109,9 +109,9 @@ def refit_priors(model, outputs, seed: int, data_dir: Path, judge, samples_per_d
     from classifier import fid
     from dataset import MNISTDataModule
     from metrics import Samples, generate, generation_metrics, judge_images, reconstruction_accuracy
-    from prior import fit_prior
+    from prior import fit_density
 
-    data = MNISTDataModule(data_dir, seed=seed, binarize=model.hparams.likelihood == "bernoulli")
+    data = MNISTDataModule(data_dir, seed=seed, binarize=model.sees_binary_images)
     data.setup()
     labels = data.splits["train"].labels
     z = model.posterior_means(data.fixed_pixels("train"), labels)
@@ -120,7 +120,7 @@ def refit_priors(model, outputs, seed: int, data_dir: Path, judge, samples_per_d
     rows = []
     for name, (kind, components) in variants.items():
         start = time.perf_counter()
-        model.fitted_prior = fit_prior(z, labels, model.hparams.num_classes, kind, components, seed=seed)
+        model.fitted_prior = fit_density(z, labels, model.hparams.num_classes, kind, components, seed=seed)
         fit_s = time.perf_counter() - start
         for sample_seed in sample_seeds:
             images, wanted = generate(model, "fitted", samples_per_digit, seed=sample_seed)
@@ -138,7 +138,7 @@ def main() -> None:
 
     from classifier import load_judge
     from dataset import load_test_set
-    from metrics import summary
+    from report import summary
     from model import load_cvae
 
     args.out_dir.mkdir(parents=True, exist_ok=True)

@@ -17,7 +17,7 @@ Bernoulli decoder's nats, not squared errors, so the rate-distortion figure leav
 learning-rate schedules at 1e-3 and 3e-3 (`--grid schedule`). A run is one plain `python train.py --kl-weight B
 --latent-dim D --epochs E [--likelihood L] [--dropout P] [--lr-schedule S --lr R] --seed S ...` (the default
 recipe otherwise: KL warm-up, fitted prior), then metrics.evaluate() on its checkpoint. Each run adds a row to
-OUT_DIR/results.csv when it is judged (its cell, then metrics.SUMMARY's numbers; a CSV written before a number
+OUT_DIR/results.csv when it is judged (its cell, then report.SUMMARY's numbers; a CSV written before a number
 existed reads that column as missing); a run already there is skipped, so an interrupted sweep continues where it
 stopped, and a run whose checkpoint exists is judged without training it again. From the CSV's rows of the chosen
 grids and seeds (write_report): sweep.md, the medians and ranges per cell, and three figures (figures.py):
@@ -50,8 +50,9 @@ from checkpoint import atomic_write  # noqa: E402
 from classifier import load_judge  # noqa: E402
 from cli import ArgParser, bounded  # noqa: E402
 from dataset import DEFAULT_DATA_DIR, load_test_set  # noqa: E402
-from metrics import CLASSIFY_IW_SAMPLES, CLASSIFY_PER_DIGIT, IW_SAMPLES, SUMMARY, model_outputs, summary  # noqa: E402
+from metrics import CLASSIFY_IW_SAMPLES, CLASSIFY_PER_DIGIT, IW_SAMPLES, model_outputs  # noqa: E402
 from model import load_cvae  # noqa: E402
+from report import SUMMARY, summary  # noqa: E402
 from seeds import (PRIOR_HEADER, PRIOR_VARIANTS, RUN_COLUMNS, judge_checkpoint, prior_markdown,  # noqa: E402
                    refit_priors, row_header, row_markdown, train, train_command)
 
@@ -85,7 +86,7 @@ GRIDS = {
                  for schedule in ("one-cycle", "cosine")]
     + [DEFAULT._replace(lr_schedule=schedule) for schedule in ("one-cycle", "cosine")],
 }
-# The CSV: the cell, the seed and its train.py time, metrics.SUMMARY's numbers (a list space-separated), the checkpoint
+# The CSV: the cell, the seed and its train.py time, report.SUMMARY's numbers (a list space-separated), the checkpoint
 # and any extra flags.
 FIELDS = ("name", *Cell._fields, *(key for key, _ in RUN_COLUMNS), *(entry.key for entry in SUMMARY), "ckpt",
           "train_args")
@@ -310,7 +311,7 @@ def spread(values: list[float], fmt: str, scale: float = 1.0) -> str:
     return f"{statistics.median(v):{fmt}} ({min(v):{fmt}}–{max(v):{fmt}})" if v else "–"
 
 
-# The table of medians: metrics.SUMMARY's entries marked `median`, then the train.py time.
+# The table of medians: report.SUMMARY's entries marked `median`, then the train.py time.
 MEDIAN_COLUMNS = [(f"{e.header or e.label}{' (%)' if e.unit == '%' else ''}", e.key, e.fmt, e.scale)
                   for e in SUMMARY if e.median] + [("train.py (s)", "train_s", ".0f", 1)]
 

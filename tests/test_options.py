@@ -28,8 +28,9 @@ from checkpoint import safe_torch_load
 from model import load_cvae
 from classifier import JUDGE_PATH, features_and_predictions, fid, load_judge, sha256_of
 from dataset import load_split
-from model import CVAE, informative_dims
-from prior import fit_gmm_prior
+from latent import informative_dims
+from model import CVAE
+from prior import fit_mixture
 from test_gradio import assert_same_pixels, decoded, digit_picture, free_port, read_png, save_untrained
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -187,7 +188,7 @@ def test_prior_kind_components_and_seed_reach_the_fitted_prior(rich_run):
     assert prior["means"].shape == (1, COMPONENTS, LATENT)
     train_set = rich_run.probe.splits["train"]
     z = model.posterior_means(train_set.pixels, train_set.labels)
-    expected = fit_gmm_prior(z, train_set.labels, 10, PRIOR, COMPONENTS, seed=SEED)
+    expected = fit_mixture(z, train_set.labels, 10, PRIOR, COMPONENTS, seed=SEED)
     for name in ("weights", "means", "scale_tril"):
         torch.testing.assert_close(prior[name], expected[name], rtol=1e-4, atol=1e-5)
 

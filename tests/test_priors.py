@@ -12,7 +12,7 @@ import torch
 import train
 from checkpoint import CheckpointError, safe_torch_load
 from model import load_cvae
-from prior import FLOW_BOUNDS, check_prior, describe_prior, fit_prior, sample_prior
+from prior import FLOW_BOUNDS, check_density, describe_prior, fit_density, sample_density
 
 
 def clusters(per_label: int = 400, latent_dim: int = 3, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -32,9 +32,9 @@ def per_label_moments(z: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tens
 
 def test_a_per_digit_mixture_draws_its_components_in_their_shares_with_their_moments():
     z, labels = clusters()
-    prior = fit_prior(z, labels, 10, "per-class", components=2, seed=0)
+    prior = fit_density(z, labels, 10, "per-class", components=2, seed=0)
     draws_labels = torch.arange(10).repeat_interleave(4000)
-    draws = sample_prior(prior, draws_labels, torch.Generator().manual_seed(1))
+    draws = sample_density(prior, draws_labels, torch.Generator().manual_seed(1))
     for c in range(10):
         weights, means = prior["weights"][c], prior["means"][c]  # (2,), (2, D)
         mine = draws[draws_labels == c]
@@ -53,11 +53,11 @@ def test_a_digit_with_few_codes_gets_fewer_components_the_rest_never_drawn():
     weight 0; every other digit gets all ten, and digit 3's draws come from its two."""
     z, labels = clusters(per_label=60)
     keep = (labels != 3) | (torch.arange(len(labels)) % 60 < 5)
-    prior = fit_prior(z[keep], labels[keep], 10, "per-class", components=10, seed=0)
+    prior = fit_density(z[keep], labels[keep], 10, "per-class", components=10, seed=0)
     assert prior["weights"].shape == (10, 10)
     assert int((prior["weights"][3] > 0).sum()) == 2 and (prior["weights"][[0, 9]] > 0).all()
-    check_prior(prior, 10, 3)
-    draws = sample_prior(prior, torch.full((2000,), 3), torch.Generator().manual_seed(0))
+    check_density(prior, 10, 3)
+    draws = sample_density(prior, torch.full((2000,), 3), torch.Generator().manual_seed(0))
     used = torch.cdist(draws, prior["means"][3]).argmin(dim=1).unique()
     assert set(used.tolist()) <= set((prior["weights"][3] > 0).nonzero().flatten().tolist())
 
@@ -66,9 +66,9 @@ def test_a_flow_draws_each_digits_codes_with_their_mean_and_spread():
     """The flow is conditioned on the digit: each label's samples have that label's mean and spread (the labels'
     means lie apart and their spreads differ, so one density for all would fail)."""
     z, labels = clusters(latent_dim=2)
-    prior = fit_prior(z, labels, 10, "flow", seed=0)
+    prior = fit_density(z, labels, 10, "flow", seed=0)
     draws_labels = torch.arange(10).repeat_interleave(2000)
-    draws = sample_prior(prior, draws_labels, torch.Generator().manual_seed(1))
+    draws = sample_density(prior, draws_labels, torch.Generator().manual_seed(1))
     (mean, std), (want_mean, want_std) = per_label_moments(draws, draws_labels), per_label_moments(z, labels)
     torch.testing.assert_close(mean, want_mean, atol=0.08, rtol=0)
     torch.testing.assert_close(std, want_std, atol=0.06, rtol=0.15)
@@ -77,9 +77,9 @@ def test_a_flow_draws_each_digits_codes_with_their_mean_and_spread():
 
 def test_the_codes_prior_draws_training_codes_of_the_requested_digit_uniformly():
     z, labels = clusters(per_label=50)
-    prior = fit_prior(z, labels, 10, "codes")
+    prior = fit_density(z, labels, 10, "codes")
     draws_labels = torch.tensor([3] * 5000 + [7] * 10)
-    draws = sample_prior(prior, draws_labels, torch.Generator().manual_seed(0))
+    draws = sample_density(prior, draws_labels, torch.Generator().manual_seed(0))
     index = {tuple(code.tolist()): i for i, code in enumerate(z)}
     picked = torch.tensor([index[tuple(code.tolist())] for code in draws])
     assert torch.equal(labels[picked], draws_labels)
@@ -90,14 +90,14 @@ def test_the_codes_prior_draws_training_codes_of_the_requested_digit_uniformly()
 @pytest.mark.parametrize("kind", ["per-class", "global", "flow", "codes"])
 def test_sampling_is_seeded_by_the_generator_and_leaves_the_global_rng_alone(kind):
     z, labels = clusters(per_label=60)
-    prior = fit_prior(z, labels, 10, kind, components=2, seed=0)
+    prior = fit_density(z, labels, 10, kind, components=2, seed=0)
     torch.manual_seed(5)
     before = torch.get_rng_state()
     asked = torch.arange(10).repeat(3)
-    first = sample_prior(prior, asked, torch.Generator().manual_seed(1))
+    first = sample_density(prior, asked, torch.Generator().manual_seed(1))
     assert torch.equal(torch.get_rng_state(), before)
-    assert torch.equal(first, sample_prior(prior, asked, torch.Generator().manual_seed(1)))
-    assert not torch.equal(first, sample_prior(prior, asked, torch.Generator().manual_seed(2)))
+    assert torch.equal(first, sample_density(prior, asked, torch.Generator().manual_seed(1)))
+    assert not torch.equal(first, sample_density(prior, asked, torch.Generator().manual_seed(2)))
     assert describe_prior("fitted", prior).endswith(("training codes", "at random"))
 
 
@@ -142,7 +142,7 @@ def test_a_damaged_or_oversized_flow_is_refused_in_one_line(damage, words, flow_
     with pytest.raises(CheckpointError, match=words) as err:
         load_cvae(tmp_path / "bad.ckpt")
     assert "\n" not in str(err.value)
-    check_prior(safe_torch_load(flow_ckpt / "flow.ckpt")["fitted_prior"], 10, 3)  # the undamaged one passes
+    check_density(safe_torch_load(flow_ckpt / "flow.ckpt")["fitted_prior"], 10, 3)  # the undamaged one passes
 
 
 def test_a_mixture_saved_before_priors_had_kinds_loads_as_one_per_digit(tiny_ckpt, tmp_path):

@@ -524,9 +524,11 @@ def assert_resumed_where_it_stopped(log: str, run_dir: Path, done: int, referenc
     versions = sorted(run_dir.glob("logs/version_*"))
     assert len(versions) == 2
     assert all(epochs == set(range(done, EPOCHS)) for epochs in logged_epochs(versions[1]).values())
-    from metrics import read_training_log
+    from figures import read_training_log
+    from model import metric_names
 
-    curves, reference = read_training_log(run_dir), read_training_log(reference_run)
+    names = metric_names("train", "val")
+    curves, reference = read_training_log(run_dir, names), read_training_log(reference_run, names)
     assert all(sorted(curve) == list(range(EPOCHS)) for curve in reference.values()) and curves == reference
 
 
