@@ -279,8 +279,8 @@ class MNISTDataModule(pl.LightningDataModule):
             return bool(sees)
         if sees is not None and sees != self.binarize:
             scores = "binarized" if sees else "grey"
-            raise DataError(f"MNISTDataModule(binarize={self.binarize}) disagrees with the model, which scores {scores} "
-                            f"images; leave binarize out (the data follows the model) or pass binarize={sees}")
+            raise DataError(f"MNISTDataModule(binarize={self.binarize}) disagrees with the model, which scores "
+                            f"{scores} images; leave binarize out (the data follows the model) or pass binarize={sees}")
         return self.binarize
 
     def setup(self, stage: str | None = None) -> None:

@@ -25,13 +25,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.distributions import Normal
 
 from classifier import DigitCNN, features_and_predictions, fid
 from dataset import IMAGE_SIZE
 from latent import ACTIVITY_THRESHOLD, activity, active_units, informative_dims
-from model import (CVAE, elbo_loss, gaussian_nll_constant, kl_per_dim,
-                   metric_names, nll_constant, reconstruction_nll, squared_error)
+from model import (CVAE, elbo_loss, gaussian_nll_constant, importance_log_weights, importance_weighted_loss,
+                   kl_per_dim, nll_constant, squared_error)
 from torch_utils import batched, eval_mode
 
 GAUSSIAN_CONSTANT = gaussian_nll_constant(IMAGE_SIZE ** 2)  # Gaussian loss units + this = nats (392 ln(pi) per image)
@@ -242,11 +241,7 @@ def iw_bound(model: CVAE, images: torch.Tensor, labels: torch.Tensor, means: tor
         eps = torch.randn(iw_samples, len(x), d, generator=gen).to(dev)
         z = model.reparameterize(mean, logvar, eps)  # (S, B, d)
         recon = model.decode(z.reshape(-1, d), y.repeat(iw_samples))
-        log_px = -reconstruction_nll(recon, x.repeat(iw_samples, 1), likelihood).reshape(iw_samples, len(x))
-        log_pz = Normal(0.0, 1.0).log_prob(z).sum(-1)
-        log_qz = Normal(mean, torch.exp(0.5 * logvar)).log_prob(z).sum(-1)
-        log_w = log_px + log_pz - log_qz  # (S, B) log importance weights
-        return -(torch.logsumexp(log_w, dim=0) - math.log(iw_samples)).cpu()
+        return importance_weighted_loss(importance_log_weights(recon, x, z, mean, logvar, likelihood)).cpu()
 
     with eval_mode(model):
         return batched(bound, images, labels, means, logvars, batch_size=batch_size)
@@ -376,7 +371,8 @@ def evaluate(model: CVAE, outputs: Outputs, seed: int = 0, iw_samples: int = IW_
         "seed": seed,
         "model": {"latent_dim": model.hparams.latent_dim, "kl_weight": model.hparams.kl_weight,
                   "fitted_prior": None if model.fitted_prior is None else model.fitted_prior["kind"],
-                  "sampling_prior": model.describe_prior(), "likelihood": model.hparams.likelihood},
+                  "sampling_prior": model.describe_prior(), "likelihood": model.hparams.likelihood,
+                  "importance_samples": model.hparams.importance_samples},
         "prior_used": model.resolve_prior("auto"),
         "classifier": {"test_accuracy": (outputs.test.predictions == outputs.labels).double().mean().item(),
                        "features": f"DigitCNN penultimate layer ({outputs.test.features.shape[1]}-d), FID in float64"},

@@ -149,8 +149,8 @@ def fit_flow(z: torch.Tensor, labels: torch.Tensor, num_classes: int, seed: int 
 
 # ----- checking and loading ------------------------------------------------------------------------------------------
 def check_density(density: Any, num_classes: int, latent_dim: int) -> None:
-    """Raise ValueError unless `density` is a well-formed density of one of PRIOR_KINDS for this model (guards checkpoints
-    from elsewhere): sizes and settings are checked before anything is built from them."""
+    """Raise ValueError unless `density` is a well-formed density of one of PRIOR_KINDS for this model (guards
+    checkpoints from elsewhere): sizes and settings are checked before anything is built from them."""
     kind = density.get("kind", OLD_KIND) if isinstance(density, dict) else None
     if kind in MIXTURE_KINDS:
         check_mixture(density, num_classes, latent_dim)
@@ -231,7 +231,8 @@ def to_cpu(value: Any) -> Any:
 
 
 # ----- sampling ------------------------------------------------------------------------------------------------------
-def sample_density(density: dict[str, Any], labels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+def sample_density(density: dict[str, Any], labels: torch.Tensor, generator: torch.Generator | None = None
+                   ) -> torch.Tensor:
     """Draw one z per label from a fitted density: (N, D) on the CPU, all randomness from `generator`."""
     kind = density["kind"]
     if kind == "flow":

@@ -62,6 +62,10 @@ def add_recipe_flags(p: ArgParser) -> None:
     g.add_argument("--likelihood", choices=LIKELIHOODS, default=MODEL["likelihood"],
                    help="p(x | z, y): gaussian = summed squared error on grey images (the original's); bernoulli = "
                         "summed binary cross-entropy on binarized images, drawn afresh for every training batch")
+    g.add_argument("--importance-samples", type=bounded(int, 1, 1000), default=MODEL["importance_samples"],
+                   help="K samples of z per image in the training loss: K > 1 trains the K-sample importance-weighted "
+                        "bound (IWAE), tighter than the ELBO, at K decoder passes per image (1 = the ELBO, with its "
+                        "closed-form KL). test.py --iw-samples only scores a trained model with such a bound")
     g.add_argument("--dropout", type=bounded(float, 0, 0.99), default=MODEL["dropout"],
                    help="dropout after the hidden blocks (0 = none, as in the VAE papers)")
     g.add_argument("--prior", choices=(*PRIOR_KINDS, "none"), default=PRIOR["kind"],
@@ -122,6 +126,9 @@ def parse_args(argv: list[str] | None = None):
         check_data_dir(args.data_dir)
         check_output_file(args.ckpt, "checkpoint")
         check_output_file(last_checkpoint(args.run_dir), "run dir")
+        if args.importance_samples > 1 and (args.free_bits > 0 or args.kl_weight == 0):
+            raise UsageError(f"--importance-samples {args.importance_samples} weighs whole samples of z: it takes "
+                             f"neither --free-bits nor --kl-weight 0")
         if args.train_size is not None and args.train_size > TRAIN_SIZE - args.val_size:
             raise UsageError(f"--train-size {args.train_size} exceeds the {TRAIN_SIZE - args.val_size} training images "
                              f"left after --val-size {args.val_size}")
@@ -194,21 +201,24 @@ class EpochSummary(Callback):
         self.ended: tuple[int, float] | None = None  # (epoch, seconds) of a finished epoch not yet printed
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
-        self.report(trainer)
+        self.report(trainer, pl_module)
         self.start = time.perf_counter()
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         self.ended = (trainer.current_epoch, time.perf_counter() - self.start)
 
     def on_train_end(self, trainer, pl_module) -> None:
-        self.report(trainer)
+        self.report(trainer, pl_module)
 
-    def report(self, trainer) -> None:
+    def report(self, trainer, pl_module) -> None:
         if self.ended is None or not trainer.is_global_zero:
             return
         (epoch, seconds), self.ended = self.ended, None
-        m = trainer.callback_metrics
-        parts = [f"{name} {float(m[name]):.2f}" for name in metric_names("train", "val") if name in m]
+        m, k = trainer.callback_metrics, pl_module.hparams.importance_samples
+        labels = {name: name for name in metric_names("train", "val")}
+        if k > 1:  # the training loss is the negative K-sample bound, not the ELBO that validation reports
+            labels["train_loss"] = f"train_loss (-{k}-sample bound)"
+        parts = [f"{label} {float(m[name]):.2f}" for name, label in labels.items() if name in m]
         print(f"epoch {epoch + 1}/{trainer.max_epochs}: {', '.join(parts)} ({seconds:.2f}s)", flush=True)
 
 
@@ -282,7 +292,7 @@ def build_model(args) -> CVAE:
     """The CVAE that train.py's flags describe."""
     model = CVAE(latent_dim=args.latent_dim, dropout=args.dropout, lr=args.lr, kl_weight=args.kl_weight,
                  kl_warmup_epochs=args.kl_warmup_epochs, free_bits=args.free_bits, likelihood=args.likelihood,
-                 lr_schedule=args.lr_schedule)
+                 lr_schedule=args.lr_schedule, importance_samples=args.importance_samples)
     if args.compile:
         # In place, so the state_dict keys (and checkpoints) are the same as without compiling.
         model.encoder.compile()

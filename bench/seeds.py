@@ -29,7 +29,7 @@ PRIOR_VARIANTS = {"Gaussian per digit": ("per-class", 1), "3 Gaussians per digit
                   "10 Gaussians per digit": ("per-class", 10), "10 Gaussians for all": ("global", 10),
                   "flow": ("flow", 1), "training codes": ("codes", 1)}
 # A row's first columns, before report.SUMMARY's: (key, title).
-RUN_COLUMNS = (("seed", "seed"), ("train_s", "train.py (s)"))
+RUN_COLUMNS = (("seed", "seed"), ("importance_samples", "K"), ("train_s", "train.py (s)"))
 
 
 def row_header() -> str:
@@ -45,7 +45,9 @@ def row_markdown(row: dict[str, Any]) -> str:
     from report import SUMMARY, format_value
 
     train_s = row["train_s"]
-    cells = [str(row["seed"]), "–" if train_s != train_s else f"{train_s:.1f}"]  # NaN: a reused checkpoint
+    k = row.get("importance_samples")
+    cells = [str(row["seed"]), "–" if k is None else str(k),  # K: training samples of z per image (an old CSV: none)
+             "–" if train_s != train_s else f"{train_s:.1f}"]  # NaN: a reused checkpoint
     cells += [format_value(entry, row.get(entry.key)) for entry in SUMMARY]
     return "| " + " | ".join(cells) + " |"
 
@@ -155,7 +157,8 @@ def main() -> None:
         train_s = float("nan") if reuse else train(command, args.out_dir / f"train{seed}.log")
         model = load_cvae(ckpt)
         numbers, outputs = judge_checkpoint(model, judge, test_set, args.samples_per_digit)
-        rows.append({"seed": seed, "train_s": train_s, **summary(numbers)})
+        rows.append({"seed": seed, "importance_samples": model.hparams.importance_samples, "train_s": train_s,
+                     **summary(numbers)})
         if args.compare_priors:
             prior_rows += refit_priors(model, outputs, seed, args.data_dir, judge, args.samples_per_digit)
 

@@ -14,8 +14,10 @@ test.py judges.
 The grid (GRIDS): beta 0.25 ... 2 at z size 2 and 10 epochs; z size 2, 4, 8, 16 at beta 1; 10, 20 and 40 epochs at
 beta 1; the Bernoulli decoder at z 2 and 40, with dropout 0.25 and none (`--grid likelihood`; its rows are the
 Bernoulli decoder's nats, not squared errors, so the rate-distortion figure leaves them out); one-cycle and cosine
-learning-rate schedules at 1e-3 and 3e-3 (`--grid schedule`). A run is one plain `python train.py --kl-weight B
---latent-dim D --epochs E [--likelihood L] [--dropout P] [--lr-schedule S --lr R] --seed S ...` (the default
+learning-rate schedules at 1e-3 and 3e-3 (`--grid schedule`); the importance-weighted objective with K = 1, 5 and 20
+samples of z per image, Bernoulli at z 40 without dropout (`--grid importance`). A run is one plain `python train.py
+--kl-weight B --latent-dim D --epochs E [--likelihood L] [--dropout P] [--lr-schedule S --lr R]
+[--importance-samples K] --seed S ...` (the default
 recipe otherwise: KL warm-up, fitted prior), then metrics.evaluate() on its checkpoint. Each run adds a row to
 OUT_DIR/results.csv when it is judged (its cell, then report.SUMMARY's numbers; a CSV written before a number
 existed reads that column as missing); a run already there is skipped, so an interrupted sweep continues where it
@@ -67,13 +69,15 @@ class Cell(NamedTuple):
     dropout: float = 0.25
     lr_schedule: str = "constant"
     lr: float = 1e-3
+    importance_samples: int = 1
 
 
 DEFAULT = Cell(1.0, 2, 10)  # train.py's defaults; each grid varies some of these
 BERNOULLI = DEFAULT._replace(likelihood="bernoulli")
 # The settings a cell names only when they differ from DEFAULT: (train.py's flag, how the run's name shows the value).
 OPTIONAL = {"likelihood": ("--likelihood", "-{}"), "dropout": ("--dropout", "-dropout{:g}"),
-            "lr_schedule": ("--lr-schedule", "-{}"), "lr": ("--lr", "-lr{:g}")}
+            "lr_schedule": ("--lr-schedule", "-{}"), "lr": ("--lr", "-lr{:g}"),
+            "importance_samples": ("--importance-samples", "-iw{}")}
 GRIDS = {
     "beta": [DEFAULT._replace(kl_weight=b) for b in (0.25, 0.5, 0.75, 1.0, 1.5, 2.0)],
     "z": [DEFAULT._replace(latent_dim=d) for d in (2, 4, 8, 16)],
@@ -85,11 +89,14 @@ GRIDS = {
     "schedule": [DEFAULT._replace(lr_schedule=schedule, lr=3e-3, epochs=epochs) for epochs in (10, 20)
                  for schedule in ("one-cycle", "cosine")]
     + [DEFAULT._replace(lr_schedule=schedule) for schedule in ("one-cycle", "cosine")],
+    # The training objective: K samples of z per image in the importance-weighted bound (K = 1: the ELBO), on the
+    # papers' Bernoulli z 40 without dropout.
+    "importance": [BERNOULLI._replace(latent_dim=40, dropout=0.0, importance_samples=k) for k in (1, 5, 20)],
 }
 # The CSV: the cell, the seed and its train.py time, report.SUMMARY's numbers (a list space-separated), the checkpoint
-# and any extra flags.
-FIELDS = ("name", *Cell._fields, *(key for key, _ in RUN_COLUMNS), *(entry.key for entry in SUMMARY), "ckpt",
-          "train_args")
+# and any extra flags; K, a cell's setting and a seed row's column, once.
+FIELDS = tuple(dict.fromkeys(("name", *Cell._fields, *(key for key, _ in RUN_COLUMNS),
+                              *(entry.key for entry in SUMMARY), "ckpt", "train_args")))
 # priors.csv (--refit-priors): a refitted sampling prior of a run, once per sample seed (bench/seeds.py refit_priors).
 PRIOR_FIELDS = ("name", *Cell._fields, "seed", "prior", "sample_seed", "accuracy", "fid", "recon_accuracy",
                 "recon_fid", "fit_s")
@@ -295,13 +302,13 @@ def cells_of(rows: list[dict[str, Any]]) -> dict[Cell, list[dict[str, Any]]]:
 
 
 # A cell's settings, the first columns of sweep.md and priors.md.
-CELL_HEADER = "| β | z | epochs | decoder | dropout | lr schedule | lr |"
+CELL_HEADER = "| β | z | epochs | decoder | dropout | lr schedule | lr | K |"
 CELL_COLUMNS = CELL_HEADER.count("|") - 1
 
 
 def cell_columns(cell: Cell) -> str:
     return (f"| {cell.kl_weight:g} | {cell.latent_dim} | {cell.epochs} | {cell.likelihood} | {cell.dropout:g} "
-            f"| {cell.lr_schedule} | {cell.lr:g} |")
+            f"| {cell.lr_schedule} | {cell.lr:g} | {cell.importance_samples} |")
 
 
 def spread(values: list[float], fmt: str, scale: float = 1.0) -> str:

@@ -284,10 +284,13 @@ def test_the_bench_refines_only_the_labels_close_to_the_best_and_prints_a_row_pe
     assert bench.main(["--ckpt", str(bernoulli_run.ckpt), "--data-dir", str(data_dir), "--images", "12",
                        "--screen-samples", "3", "--compare", "10", "20", "--margin", "1e9"]) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith(f"| {bernoulli_run.ckpt}")]
-    assert [row.split(" | ")[4] for row in rows] == ["10", "20"]
-    assert all(row.split(" | ")[7] == "10.00" for row in rows)  # a margin that large refines every label
+    assert [row.split(" | ")[4:6] for row in rows] == [["1", "10"], ["1", "20"]]  # K (trained with the ELBO), samples
+    assert all(row.split(" | ")[8] == "10.00" for row in rows)  # a margin that large refines every label
     subset = torch.randperm(10_000, generator=torch.Generator().manual_seed(0))[:12]
     observed = model.observe(load_test_set(data_dir)[0])[subset]
     screened = metrics.log_likelihood_per_label(model, observed, iw_samples=3)
     all_refined, _ = bench.refine(model, observed, screened, 10, 1e9, 1)
-    assert float(rows[0].split(" | ")[5]) == pytest.approx(metrics.marginal_nll(all_refined).mean().item(), abs=0.006)
+    marginal, se = (float(v) for v in rows[0].split(" | ")[6].split(" ± "))
+    per_image = metrics.marginal_nll(all_refined)
+    assert marginal == pytest.approx(per_image.mean().item(), abs=0.006)
+    assert se == pytest.approx(per_image.std().item() / 12 ** 0.5, abs=0.006)  # the standard error over the images

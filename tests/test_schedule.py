@@ -32,6 +32,22 @@ def reference_rates(schedule: str, steps: int) -> list[float]:
     return rates
 
 
+@contextlib.contextmanager
+def ctrl_c_at_step(step: int):
+    """Ctrl-C (a KeyboardInterrupt) at the `step`-th training step, counted from 1, of the runs inside the block."""
+    calls, real_step = [], train.CVAE.training_step
+
+    def training_step(self, batch, batch_idx):
+        calls.append(batch_idx)
+        if len(calls) == step:
+            raise KeyboardInterrupt
+        return real_step(self, batch, batch_idx)
+
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stderr(io.StringIO()):
+        patch.setattr(train.CVAE, "training_step", training_step)
+        yield
+
+
 def run(data_dir, tmp_path, *flags: str, callbacks=()) -> int:
     build_trainer = train.build_trainer
     with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(io.StringIO()):
@@ -53,22 +69,11 @@ def test_each_step_takes_the_rate_of_its_schedule(schedule, data_dir, tmp_path):
     assert load_cvae(tmp_path / "c.ckpt").hparams.lr_schedule == schedule
 
 
-def test_a_scheduled_run_resumed_after_ctrl_c_ends_like_an_uninterrupted_one(data_dir, tmp_path, monkeypatch,
-                                                                            restore_sigint):
+def test_a_scheduled_run_resumed_after_ctrl_c_ends_like_an_uninterrupted_one(data_dir, tmp_path, restore_sigint):
     """The scheduler's state travels in last.ckpt: Ctrl-C in the second epoch, then --resume, gives the weights of the
     run that was never stopped."""
     assert run(data_dir, tmp_path / "whole", "--lr-schedule", "one-cycle") == 0
-    calls = []
-    real_step = train.CVAE.training_step
-
-    def ctrl_c_in_the_second_epoch(self, batch, batch_idx):
-        calls.append(batch_idx)
-        if len(calls) == STEPS + 2:
-            raise KeyboardInterrupt
-        return real_step(self, batch, batch_idx)
-
-    with monkeypatch.context() as patch, contextlib.redirect_stderr(io.StringIO()):
-        patch.setattr(train.CVAE, "training_step", ctrl_c_in_the_second_epoch)
+    with ctrl_c_at_step(STEPS + 2):  # in the second epoch
         assert run(data_dir, tmp_path / "cut", "--lr-schedule", "one-cycle") == 130
     assert safe_torch_load(train.last_checkpoint(tmp_path / "cut" / "run"))["epoch"] == 0
     assert run(data_dir, tmp_path / "cut", "--lr-schedule", "one-cycle", "--resume") == 0

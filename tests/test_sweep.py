@@ -36,7 +36,7 @@ def result_row(beta: float, latent: int, epochs: int, seed: int, ckpt: Path | st
     """A CSV row as sweep.py writes it, with made-up numbers (overridden by `numbers`)."""
     row = {"name": sweep.Run(sweep.Cell(beta, latent, epochs), seed).name, "kl_weight": beta, "latent_dim": latent,
            "epochs": epochs, "likelihood": "gaussian", "dropout": 0.25, "lr_schedule": "constant", "lr": 1e-3,
-           "seed": seed, "train_s": 60.0, "recon": 27.0,
+           "importance_samples": 1, "seed": seed, "train_s": 60.0, "recon": 27.0,
            "kl": 3.0, "mse": 0.03, "active_units": latent, "kl_dims": "1.5 1.5", "neg_elbo": 30.0,
            "iw_bound": 29.5, "nll": 478.2, "marginal_nll": 480.5, "class_accuracy": 0.9,
            "prior": "fitted", "accuracy": 0.99, "fid": 70.0, "recon_fid": 69.0, "recon_accuracy": 0.995,
@@ -74,10 +74,11 @@ def test_print_commands_prints_the_train_commands_of_the_runs_not_yet_done(tmp_p
     assert sorted(p.name for p in out.iterdir()) == ["ckpts", "results.csv"]  # printing writes nothing
 
 
-def test_the_whole_grid_is_twenty_one_cells_on_three_seeds(tmp_path, capsys):
+def test_the_whole_grid_is_twenty_three_cells_on_three_seeds(tmp_path, capsys):
     """beta (6 cells at z 2, 10 epochs), z (2, 4, 8, 16 at beta 1) and epochs (10, 20, 40): the default cell once;
     then the Bernoulli decoder at z 2 and 40, with dropout 0.25 and 0; then one-cycle and cosine peaking at 3e-3
-    over 10 and 20 epochs, and at 1e-3 over 10."""
+    over 10 and 20 epochs, and at 1e-3 over 10; then K = 5 and 20 samples of z in the training bound at Bernoulli z 40
+    without dropout (its K = 1 is the likelihood grid's cell)."""
     out, data = tmp_path / "sweep", tmp_path / "mnist"
     assert sweep.main(["--out-dir", str(out), "--data-dir", str(data), "--num-threads", "1",
                        "--print-commands"]) == 0
@@ -91,7 +92,11 @@ def test_the_whole_grid_is_twenty_one_cells_on_three_seeds(tmp_path, capsys):
                 + [train_line(out, data, "1", 2, e, s, f"--lr-schedule {schedule} --lr 0.003 ", f"-{schedule}-lr0.003")
                    for e in (10, 20) for schedule in ("one-cycle", "cosine") for s in (0, 1, 2)]
                 + [train_line(out, data, "1", 2, 10, s, f"--lr-schedule {schedule} ", f"-{schedule}")
-                   for schedule in ("one-cycle", "cosine") for s in (0, 1, 2)])
+                   for schedule in ("one-cycle", "cosine") for s in (0, 1, 2)]
+                + [train_line(out, data, "1", 40, 10, s,
+                              f"--likelihood bernoulli --dropout 0 --importance-samples {k} ",
+                              f"-bernoulli-dropout0-iw{k}")
+                   for k in (5, 20) for s in (0, 1, 2)])
     assert printed == expected
 
 
@@ -174,10 +179,10 @@ def test_the_report_writes_the_table_and_three_figures(handmade, monkeypatch):
     medians, *per_cell = (out / "sweep.md").read_text().split("\n\n")
     lines = medians.splitlines()
     assert len(lines) == 2 + 5
-    assert lines[0].startswith("| β | z | epochs | decoder | dropout | lr schedule | lr | seeds | distortion "
+    assert lines[0].startswith("| β | z | epochs | decoder | dropout | lr schedule | lr | K | seeds | distortion "
                                "| KL (rate) | active units | −ELBO | IW bound | −log p(x), nats | as a classifier (%) "
                                "| cond. acc. (%) | sample FID | train.py (s) |")
-    cell = "gaussian | 0.25 | constant | 0.001"
+    cell = "gaussian | 0.25 | constant | 0.001 | 1"
     assert lines[2].startswith(f"| 0.5 | 2 | 10 | {cell} | 3 | 30.10 (30.00–30.20) | 2.00 (1.00–5.00) |")  # medians
     assert "| 71.0 (70.0–74.0) |" in lines[3] and "| 2 (1–2) |" in lines[3]  # beta 1: FID, active units
     assert lines[5].startswith(f"| 1 | 4 | 10 | {cell} | 1 | 25.00 (25.00–25.00) | 5.00 (5.00–5.00) |")
@@ -187,10 +192,10 @@ def test_the_report_writes_the_table_and_three_figures(handmade, monkeypatch):
     assert per_cell[8] == "β 1, z size 2, 20 epochs, gaussian decoder, dropout 0.25, constant learning rate 0.001:"
     beta_half = per_cell[1].splitlines()
     assert len(beta_half) == 2 + 3 and [row.split(" | ")[0] for row in beta_half[2:]] == ["| 0", "| 1", "| 2"]
-    assert beta_half[0] == ("| seed | train.py (s) | distortion | KL (rate) | MSE/pixel | active units | KL per dim "
+    assert beta_half[0] == ("| seed | K | train.py (s) | distortion | KL (rate) | MSE/pixel | active units | KL per dim "
                             "| −ELBO | IW bound | −log p(x|y), nats | −log p(x), nats | as a classifier | prior "
                             "| cond. acc. | sample FID | recon FID | recon acc. | FID gap | N(0,I) acc. | N(0,I) FID |")
-    assert beta_half[3].startswith("| 1 | 60.0 | 30.10 | 2.00 | 0.0300 | 2 | 1.50, 1.50 | 30.00 | 31.00 | 478.20 "
+    assert beta_half[3].startswith("| 1 | 1 | 60.0 | 30.10 | 2.00 | 0.0300 | 2 | 1.50, 1.50 | 30.00 | 31.00 | 478.20 "
                                    "| 480.50 | 50.0% | fitted | 91.00% | 61.0 | 69.0 | 99.50% | +1.4% |")  # seed 1's
 
     # Rate against distortion: every run a point, and dashed lines of equal distortion + rate.
@@ -226,8 +231,8 @@ def test_the_report_covers_only_the_runs_of_the_grids_and_seeds_asked_for(handma
     out = csv_path.parent
     assert sweep.main(["--report-only", "--grid", "beta", "--seeds", "0", "1", "--out-dir", str(out)]) == 0
     lines = median_lines(out)
-    assert [line.split(" | ")[:8] for line in lines[2:]] == [
-        [f"| {beta}", "2", "10", "gaussian", "0.25", "constant", "0.001", "2"] for beta in ("0.5", "1", "2")]
+    assert [line.split(" | ")[:9] for line in lines[2:]] == [
+        [f"| {beta}", "2", "10", "gaussian", "0.25", "constant", "0.001", "1", "2"] for beta in ("0.5", "1", "2")]
     assert "| 60.5 (60.0–61.0) |" in lines[2]  # beta 0.5: the FID of seeds 0 and 1 only (seed 2's is 64)
     assert sweep.main(["--report-only", "--out-dir", str(out)]) == 0  # the default: every grid on seeds 0 1 2
     assert len(median_lines(out)) == 2 + 5
@@ -242,11 +247,11 @@ def test_betas_picks_cells_for_the_commands_and_the_report(handmade, capsys):
                                                     train_line(out, data, "1", 2, 10, 3)]
     assert sweep.main(["--report-only", "--betas", "2", "--out-dir", str(out)]) == 0
     lines = median_lines(out)
-    assert [line.split(" | ")[:8] for line in lines[2:]] == [["| 2", "2", "10", "gaussian", "0.25", "constant",
-                                                             "0.001", "3"]]
+    assert [line.split(" | ")[:9] for line in lines[2:]] == [["| 2", "2", "10", "gaussian", "0.25", "constant",
+                                                             "0.001", "1", "3"]]
 
 
-NEWER = ("likelihood", "dropout", "lr_schedule", "lr", "nll", "marginal_nll", "fid_gap", "recon_accuracy")  # since
+NEWER = ("likelihood", "dropout", "lr_schedule", "lr", "importance_samples", "nll", "marginal_nll", "fid_gap", "recon_accuracy")  # since
 
 
 def test_a_csv_from_before_a_column_existed_still_reads_and_grows_without_shifting(tmp_path):
@@ -275,7 +280,7 @@ def test_a_csv_from_before_a_column_existed_still_reads_and_grows_without_shifti
     assert (second["likelihood"], second["dropout"], second["kl_weight"]) == ("bernoulli", 0.0, 2.0)
     assert (second["seed"], second["fid"], second["fid_gap"], second["kl_dims"]) == (1, 80.0, 0.25, [1.25, 2.0])
     assert sweep.write_table([first, second], tmp_path / "sweep.md").is_file()
-    assert "| 0 | 60.0 |" in (tmp_path / "sweep.md").read_text()  # the old row, its missing gap shown as "–"
+    assert "| 0 | 1 | 60.0 |" in (tmp_path / "sweep.md").read_text()  # the old row, its missing gap shown as "–"
 
 
 def test_the_schedule_grid_names_its_learning_rate_in_the_commands(tmp_path, capsys):
@@ -327,8 +332,8 @@ def test_refit_priors_refits_each_prior_on_the_trained_checkpoint_without_traini
     assert rows[0]["recon_accuracy"] == pytest.approx(reported["reconstruction_accuracy"])
 
     table = (out / "priors.md").read_text().split("\n\n")[0].splitlines()
-    assert [line.split(" | ")[7] for line in table[2:]] == ["10 Gaussians per digit", "flow"]
-    assert all(line.startswith("| 1 | 2 | 10 | gaussian | 0.25 | constant | 0.001 | ") for line in table[2:])
+    assert [line.split(" | ")[8] for line in table[2:]] == ["10 Gaussians per digit", "flow"]
+    assert all(line.startswith("| 1 | 2 | 10 | gaussian | 0.25 | constant | 0.001 | 1 | ") for line in table[2:])
     capsys.readouterr()
     assert sweep.main(argv) == 0
     assert "0 runs to refit" in capsys.readouterr().out
