@@ -30,7 +30,7 @@ from classifier import DigitCNN, features_and_predictions, fid
 from dataset import IMAGE_SIZE
 from latent import ACTIVITY_THRESHOLD, activity, active_units, informative_dims
 from model import (CVAE, elbo_loss, gaussian_nll_constant, importance_log_weights, importance_weighted_loss,
-                   kl_per_dim, nll_constant, squared_error)
+                   kl_per_dim, nll_constant, reconstruction_nll, squared_error)
 from torch_utils import batched, eval_mode
 
 GAUSSIAN_CONSTANT = gaussian_nll_constant(IMAGE_SIZE ** 2)  # Gaussian loss units + this = nats (392 ln(pi) per image)
@@ -241,7 +241,8 @@ def iw_bound(model: CVAE, images: torch.Tensor, labels: torch.Tensor, means: tor
         eps = torch.randn(iw_samples, len(x), d, generator=gen).to(dev)
         z = model.reparameterize(mean, logvar, eps)  # (S, B, d)
         recon = model.decode(z.reshape(-1, d), y.repeat(iw_samples))
-        return importance_weighted_loss(importance_log_weights(recon, x, z, mean, logvar, likelihood)).cpu()
+        nll = reconstruction_nll(recon, x.repeat(iw_samples, 1), likelihood).reshape(iw_samples, len(x))  # (S, B)
+        return importance_weighted_loss(importance_log_weights(nll, z, mean, logvar)).cpu()
 
     with eval_mode(model):
         return batched(bound, images, labels, means, logvars, batch_size=batch_size)

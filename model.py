@@ -106,18 +106,17 @@ def elbo_loss(recon: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, logvar: 
     return recon_loss + kl_weight * kl_term, recon_loss, kl
 
 
-def importance_log_weights(recon: torch.Tensor, x: torch.Tensor, z: torch.Tensor, mean: torch.Tensor,
-                           logvar: torch.Tensor, likelihood: str = "gaussian", kl_weight: float = 1.0) -> torch.Tensor:
-    """Log importance weights of K samples z (K, B, latent) from q(z | x, y) = N(mean, exp(logvar)) for B images x,
-    their decodes recon (K * B, 784) in sample-major order: (K, B),
+def importance_log_weights(nll: torch.Tensor, z: torch.Tensor, mean: torch.Tensor, logvar: torch.Tensor,
+                           kl_weight: float = 1.0) -> torch.Tensor:
+    """Log importance weights of K samples z (K, B, latent) from q(z | x, y) = N(mean, exp(logvar)) for B images,
+    each sample's -log p(x | z, y) given as nll (K, B) (reconstruction_nll, loss units): (K, B),
 
-        log w_k = log p(x | z_k, y) + kl_weight * (log p(z_k) - log q(z_k | x, y)),   p(z) = N(0, I),
+        log w_k = log p(x | z_k, y) + kl_weight * (log p(z_k) - log q(z_k | x, y)),   p(z) = N(0, I).
 
-    in loss units (log p(x | z, y) = -reconstruction_nll). With kl_weight 1, log-mean-exp over k is the
-    importance-weighted bound on log p(x | y) (Burda, Grosse and Salakhutdinov 2016); kl_weight is beta, as in
-    elbo_loss, so the warm-up weighs the prior terms of the training bound."""
-    k, b, _ = z.shape
-    log_px = -reconstruction_nll(recon, x.reshape(b, -1).repeat(k, 1), likelihood).reshape(k, b)
+    With kl_weight 1, log-mean-exp over k is the importance-weighted bound on log p(x | y) (Burda, Grosse and
+    Salakhutdinov 2016); kl_weight is beta, as in elbo_loss, so the warm-up weighs the prior terms of the training
+    bound."""
+    log_px = -nll
     log_pz = Normal(0.0, 1.0).log_prob(z).sum(-1)
     log_qz = Normal(mean, torch.exp(0.5 * logvar)).log_prob(z).sum(-1)
     return log_px + kl_weight * log_pz - kl_weight * log_qz  # as log_px + log_pz - log_qz, to the bit, at beta 1
@@ -378,10 +377,10 @@ class CVAE(pl.LightningModule):
         mean, logvar = self.encoder(x.flatten(1), y_onehot)  # (B, d) each
         z = self.reparameterize(mean, logvar, torch.randn(k, *mean.shape, dtype=mean.dtype, device=mean.device))
         recon = self.decoder(z.reshape(-1, d), y_onehot.repeat(k, 1))  # (K * B, 784), sample-major
-        log_w = importance_log_weights(recon, x, z, mean, logvar, self.hparams.likelihood, kl_weight)  # (K, B)
-        recon_loss = reconstruction_nll(recon, x.flatten(1).repeat(k, 1), self.hparams.likelihood).mean()
+        nll = reconstruction_nll(recon, x.flatten(1).repeat(k, 1), self.hparams.likelihood).reshape(k, -1)  # (K, B)
+        log_w = importance_log_weights(nll, z, mean, logvar, kl_weight)
         kl = kl_per_dim(mean, logvar).sum(dim=1).mean()
-        return importance_weighted_loss(log_w).mean(), recon_loss, kl
+        return importance_weighted_loss(log_w).mean(), nll.mean(), kl
 
     def _log_epoch_means(self, stage: str) -> None:
         # Lightning computes each metric (averaged over all processes under DDP) and resets it for the next epoch.
@@ -438,7 +437,7 @@ class CVAE(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.fitted_prior = load_density(checkpoint.get("fitted_prior"), self.hparams.num_classes,
-                                       self.hparams.latent_dim)
+                                         self.hparams.latent_dim)
 
 
 def load_cvae(path: str | Path, map_location: Any = "cpu") -> CVAE:
