@@ -4,16 +4,20 @@
     python gradio_test.py --ckpt other.ckpt --port 7861
 
 Pick a digit and move the z sliders: the decoded image follows while the slider moves. The page also shows the same z
-under all ten labels (style kept, digit changed), the digit's 2-D manifold with a marker at z, a button that samples z
-from the prior, and encodes a digit you draw or upload so the ten digits come out in your handwriting. With a latent
-wider than 2, the main sliders set the two dimensions whose posterior means vary most over the MNIST test set
-(--data-dir), and a panel below them has a slider for each other dimension.
+under all ten labels (style kept, digit changed), the digit's manifold (its decodes over the two main sliders' square)
+with a marker at z, a button that samples z from the prior, and encodes a digit you draw or upload so the ten digits
+come out in your handwriting. With a latent wider than 2, the main sliders set the two dimensions whose posterior
+means vary most over the MNIST test set (--data-dir), and a panel below them has a slider for each other dimension.
 
-Named API endpoints (for `gradio_client`; signatures in the README):
+Named API endpoints (for `gradio_client`; signatures in the README). The page runs on the whole code z0 ... z{d-1},
+whatever the latent width:
+    /generate_code (digit, z0, ..., z{d-1}) -> image     /style_row_code (z0, ..., z{d-1}) -> image
+    /manifold_code (digit, z0, ..., z{d-1}) -> image     /random_code (digit) -> (z0, ..., z{d-1})
+    /style_transfer_code (image, digit) -> (image, z0, ..., z{d-1})
+and, for clients of the 2-D interface, the same on (z0, z1) in the main sliders' dimensions, every other dimension at
+0 (z1 unused by a 1-D latent):
     /generate (digit, z0, z1) -> image     /style_row (z0, z1) -> image     /manifold (digit, z0, z1) -> image
     /random_z (digit) -> (z0, z1)           /style_transfer (image, digit) -> (image, z0, z1)
-and, for a latent wider than 2, the same on the whole code z0 ... z{d-1}: /generate_code, /style_row_code,
-/manifold_code, /random_code, /style_transfer_code.
 
 `build_app(model)` builds the page without serving it and `launch(app, host, port)` serves it, so tests and benchmarks
 can run the app in-process.
@@ -98,8 +102,9 @@ def check_z(value: Any, name: str) -> float:
 
 
 def to_slider(value: float) -> float:
-    """Clamp to the slider range and round to its step, so the slider shows exactly the z that was decoded."""
-    return round(min(max(float(value), -Z_RANGE), Z_RANGE), 2)
+    """Clamp to the slider range and round to its step, so the slider shows exactly the z that was decoded (0, not -0,
+    for a value that rounds to it)."""
+    return round(min(max(float(value), -Z_RANGE), Z_RANGE), 2) + 0.0
 
 
 def upscale(image: np.ndarray, factor: int) -> np.ndarray:
@@ -209,46 +214,106 @@ class ImageUpload(gr.Image):
 class Explorer:
     """Every picture the page shows, as a plain function of the digit and the latent code, for one model.
 
-    The sliders z0 and z1 set the code in the dimensions `dims` (default: the first two; slider_dims picks the two most
-    informative ones). The endpoints of (digit, z0, z1) fix every other dimension at 0, the prior's mean; the "code"
-    endpoints take a value for every dimension (a latent wider than 2 has a slider for each). All decoding runs under
-    inference_mode on a model in eval mode and never changes its mode, so concurrent requests are safe.
+    The code path takes the whole code, one value per latent dimension (the page has a slider for each; its endpoints
+    end in _code). The endpoints of (digit, z0, z1) are adapters of it: z0 and z1 set the dimensions `dims` (default:
+    the first two; slider_dims picks the two most informative ones), every other dimension sits at 0, the prior's
+    mean. All decoding runs under inference_mode on a model in eval mode and never changes its mode, so concurrent
+    requests are safe.
     """
 
     def __init__(self, model, dims: tuple[int, ...] | None = None):
         self.model = model.eval()
         self.latent_dim: int = model.hparams.latent_dim
         self.dims = tuple(range(min(self.latent_dim, 2)) if dims is None else dims)
-        # The sliders' names: z0 and z1 when they are the whole code, else the index they set, e.g. z[3] (a 1-D
+        # The main sliders' names: z0 and z1 when they are the whole code, else the index they set, e.g. z[3] (a 1-D
         # latent's z1 slider is hidden).
         self.names = tuple(latent_name(i, self.latent_dim) for i in (self.dims if len(self.dims) == 2 else (0, 1)))
         self.others = tuple(i for i in range(self.latent_dim) if i not in self.dims)  # dimensions without z0, z1
         self.num_classes: int = model.hparams.num_classes
         self.side: int = model.hparams.image_size
-        self.prior: str = model.resolve_prior("auto")
-        self._manifolds: dict[tuple, np.ndarray] = {}  # (digit, the other dimensions' values) -> grey manifold
+        self.prior: str = model.resolve_prior("auto")  # where Random z comes from: "fitted" or "standard"
+        self._manifolds: dict[tuple, np.ndarray] = {}  # (digit, the other dimensions' values) -> unmarked manifold
 
-    def latent(self, z0: float, z1: float, n: int = 1, base: torch.Tensor | None = None) -> torch.Tensor:
-        """(n, latent_dim): z0, z1 in the slider dimensions, elsewhere `base`'s values (latent_dim,), default 0 (z1
-        dropped for a 1-D latent)."""
-        z = torch.zeros(n, self.latent_dim) if base is None else base.reshape(1, -1).repeat(n, 1)
-        z[:, self.dims[0]] = z0
-        if self.latent_dim > 1:
-            z[:, self.dims[1]] = z1
-        return z
+    # ----- the code path: every event of the page, any latent width ------------------------------------------------
+    def generate_code(self, digit: int, *code: float) -> np.ndarray:
+        """Decode one digit at the code z0 ... z{d-1}: the model's own (28, 28) uint8 image. The page scales it up
+        with CSS (pixelated, so every model pixel is a crisp square): a slider drag streams these, and a small PNG is
+        quicker to encode and send (bench/README.md)."""
+        digit = check_digit(digit, self.num_classes)
+        return self.picture(self.checked_code(code)[None], [digit])
 
-    def slider_values(self, z: torch.Tensor) -> tuple[float, float]:
-        """The inverse of latent for one code (latent_dim,): its values in the slider dimensions (z1 0 for a 1-D
-        latent)."""
-        return float(z[self.dims[0]]), float(z[self.dims[1]]) if self.latent_dim > 1 else 0.0
+    def style_row_code(self, *code: float) -> np.ndarray:
+        """The code decoded under every label, left to right 0..9: a (28 * 4, 10 * 28 * 4) uint8 image."""
+        z = self.checked_code(code)
+        labels = list(range(self.num_classes))
+        return upscale(self.picture(z.repeat(self.num_classes, 1), labels, self.num_classes), ROW_SCALE)
 
-    def code(self, values: tuple) -> torch.Tensor:
+    def manifold_code(self, digit: int, *code: float) -> np.ndarray:
+        """The digit's manifold: its decodes over the main sliders' square (z0 left to right, z1 bottom to top), every
+        other dimension at the code's value, with a marker at the code: a (GRID * 28, GRID * 28, 3) uint8 RGB image."""
+        digit = check_digit(digit, self.num_classes)
+        z = self.checked_code(code)
+        return self.marked(self.unmarked_manifold(digit, z), *self.pair_of_code(z))
+
+    def random_code(self, digit: int) -> tuple[float, ...]:
+        """A code for this digit from the model's prior (the fitted density when the checkpoint has one, else
+        N(0, I)), every value clamped to the slider range."""
+        return tuple(to_slider(v) for v in self.sample_code(digit).tolist())
+
+    def style_transfer_code(self, image: str | None, digit: int) -> tuple:
+        """Encode a picture of `digit` (a file path): (the style row at its code, one slider value per dimension), the
+        values clamped to the slider range, with a warning when that moved them."""
+        return self.transfer(self.encode_file(image, digit))
+
+    def style_transfer_sketch_code(self, sketch: dict | None, digit: int) -> tuple:
+        """The same for the sketchpad's drawing: its value is {"background", "layers", "composite"} as numpy arrays."""
+        return self.transfer(self.encode_sketch(sketch, digit))
+
+    # ----- the endpoints of (digit, z0, z1): adapters of the code path ----------------------------------------------
+    def generate(self, digit: int, z0: float, z1: float) -> np.ndarray:
+        """Decode one digit at (z0, z1), every other dimension at 0: the model's own (28, 28) uint8 image."""
+        return self.generate_code(check_digit(digit, self.num_classes), *self.code_of_pair(z0, z1))
+
+    def style_row(self, z0: float, z1: float) -> np.ndarray:
+        """(z0, z1), every other dimension at 0, decoded under every label, left to right 0..9: a (28 * 4,
+        10 * 28 * 4) uint8 image."""
+        return self.style_row_code(*self.code_of_pair(z0, z1))
+
+    def manifold(self, digit: int, z0: float, z1: float) -> np.ndarray:
+        """The digit's manifold over the slider square (z0 left to right, z1 bottom to top), every other dimension at
+        0, with a marker at (z0, z1): a (GRID * 28, GRID * 28, 3) uint8 RGB image."""
+        return self.manifold_code(check_digit(digit, self.num_classes), *self.code_of_pair(z0, z1))
+
+    def random_z(self, digit: int) -> tuple[float, float]:
+        """A code for this digit from the model's prior, on the main sliders: (z0, z1), clamped to the slider range."""
+        return self.pair_of_code(self.random_code(digit))
+
+    def style_transfer(self, image: str | None, digit: int) -> tuple[np.ndarray, float, float]:
+        """Encode a picture of `digit` (a file path): (the style row at its (z0, z1), every other dimension at 0, z0,
+        z1), z0 and z1 clamped to the slider range, with a warning when that moved them."""
+        z0, z1 = on_sliders(self.pair_of_code(self.encode_file(image, digit)))
+        return self.style_row(z0, z1), z0, z1
+
+    def code_of_pair(self, z0: float, z1: float) -> list[float]:
+        """The whole code of (z0, z1), each checked under its name: z0 and z1 in the main sliders' dimensions, every
+        other dimension at 0 (z1 unused by a 1-D latent)."""
+        code = [0.0] * self.latent_dim
+        for dim, value in zip(self.dims, (check_z(z0, "z0"), check_z(z1, "z1"))):
+            code[dim] = value
+        return code
+
+    def pair_of_code(self, code) -> tuple[float, float]:
+        """A code's values in the main sliders' dimensions: (z0, z1), z1 0 for a 1-D latent."""
+        return float(code[self.dims[0]]), float(code[self.dims[1]]) if self.latent_dim > 1 else 0.0
+
+    # ----- the parts the endpoints share -----------------------------------------------------------------------------
+    def checked_code(self, values: tuple) -> torch.Tensor:
         """One value per latent dimension, each checked as a slider's, as a (latent_dim,) code."""
         if len(values) != self.latent_dim:
             raise bad_input(f"expected {self.latent_dim} values of z, one per dimension, got {len(values)}")
         return torch.tensor([check_z(v, latent_name(i, self.latent_dim)) for i, v in enumerate(values)])
 
-    def decode(self, z: torch.Tensor, labels: list[int], columns: int = 1) -> np.ndarray:
+    def picture(self, z: torch.Tensor, labels: list[int], columns: int = 1) -> np.ndarray:
         """Decode (N, latent_dim) codes under N labels and lay the images out `columns` to a row, edge to edge: a
         (rows * side, columns * side) uint8 image."""
         with torch.inference_mode():
@@ -256,98 +321,27 @@ class Explorer:
         grid = make_grid(x.reshape(-1, 1, self.side, self.side), nrow=columns, padding=0)  # (3, H, W), grey
         return to_uint8(grid[0])
 
-    # ----- the named endpoints of (digit, z0, z1) --------------------------------------------------------------
-    def generate(self, digit: int, z0: float, z1: float) -> np.ndarray:
-        """Decode one digit at (z0, z1): the model's own (28, 28) uint8 image. The page scales it up with CSS
-        (pixelated, so every model pixel is a crisp square): a slider drag streams these, and a small PNG is quicker
-        to encode and send (bench/README.md)."""
-        digit = check_digit(digit, self.num_classes)
-        z0, z1 = check_z(z0, "z0"), check_z(z1, "z1")
-        return self.decode(self.latent(z0, z1), [digit])
-
-    def style_row(self, z0: float, z1: float) -> np.ndarray:
-        """The same z decoded under every label, left to right 0..9: a (28 * 4, 10 * 28 * 4) uint8 image."""
-        z0, z1 = check_z(z0, "z0"), check_z(z1, "z1")
-        return self.row(self.latent(z0, z1)[0])
-
-    def manifold(self, digit: int, z0: float, z1: float) -> np.ndarray:
-        """The digit's decodes over the slider square (z0 left to right, z1 bottom to top) with a marker at (z0, z1):
-        a (GRID * 28, GRID * 28, 3) uint8 RGB image."""
-        digit = check_digit(digit, self.num_classes)
-        z0, z1 = check_z(z0, "z0"), check_z(z1, "z1")
-        return self.marked(self.manifold_grid(digit), z0, z1)
-
-    def random_z(self, digit: int) -> tuple[float, float]:
-        """Draw z for this digit from the model's prior (the fitted one when the checkpoint has it); returns its
-        coordinates in the slider dimensions, clamped to the slider range."""
-        z0, z1 = self.slider_values(self.draw(digit))
-        return to_slider(z0), to_slider(z1)
-
-    def style_transfer(self, image: str | None, digit: int) -> tuple[np.ndarray, float, float]:
-        """Encode a picture of `digit` (a file path) and return (style row at its z, z0, z1)."""
-        z0, z1 = self.on_sliders(self.encode_file(image, digit))
-        return self.style_row(z0, z1), z0, z1
-
-    def style_transfer_sketch(self, sketch: dict | None, digit: int) -> tuple[np.ndarray, float, float]:
-        """The same from the sketchpad: its value is {"background", "layers", "composite"} as numpy arrays."""
-        z0, z1 = self.on_sliders(self.encode_sketch(sketch, digit))
-        return self.style_row(z0, z1), z0, z1
-
-    # ----- the endpoints of the whole code (a latent wider than 2) ---------------------------------------------
-    def generate_code(self, digit: int, *code: float) -> np.ndarray:
-        """generate, with a value for every latent dimension."""
-        digit = check_digit(digit, self.num_classes)
-        return self.decode(self.code(code)[None], [digit])
-
-    def style_row_code(self, *code: float) -> np.ndarray:
-        """style_row, with a value for every latent dimension."""
-        return self.row(self.code(code))
-
-    def manifold_code(self, digit: int, *code: float) -> np.ndarray:
-        """manifold over the slider square with the other dimensions at the code's values, the marker at its z0, z1."""
-        digit = check_digit(digit, self.num_classes)
-        z = self.code(code)
-        return self.marked(self.manifold_grid(digit, z), *self.slider_values(z))
-
-    def random_code(self, digit: int) -> tuple[float, ...]:
-        """A whole code for this digit from the model's prior, every value clamped to the slider range."""
-        return tuple(to_slider(v) for v in self.draw(digit).tolist())
-
-    def style_transfer_code(self, image: str | None, digit: int) -> tuple:
-        """Encode a picture of `digit` (a file path): (style row at its whole code, one value per dimension)."""
-        return self.transfer_code(self.encode_file(image, digit))
-
-    def style_transfer_sketch_code(self, sketch: dict | None, digit: int) -> tuple:
-        """The same from the sketchpad."""
-        return self.transfer_code(self.encode_sketch(sketch, digit))
-
-    # ----- the parts the endpoints share -----------------------------------------------------------------------
-    def row(self, z: torch.Tensor) -> np.ndarray:
-        """The code z (latent_dim,) decoded under every label, upscaled: a (28 * 4, 10 * 28 * 4) uint8 image."""
-        labels = list(range(self.num_classes))
-        return upscale(self.decode(z.repeat(self.num_classes, 1), labels, self.num_classes), ROW_SCALE)
-
-    def manifold_grid(self, digit: int, base: torch.Tensor | None = None) -> np.ndarray:
-        """(GRID * 28, GRID * 28) uint8: cell (row i, column j) decodes z0 = centre of column j, z1 = centre of row i
-        counted from the bottom, the other dimensions at `base`'s values (default 0); the cells tile the slider square
-        exactly. One row for a 1-D latent. Kept per digit and values of the other dimensions."""
-        base = torch.zeros(self.latent_dim) if base is None else base
-        key = (digit, tuple(base[list(self.others)].tolist()))
+    def unmarked_manifold(self, digit: int, code: torch.Tensor) -> np.ndarray:
+        """The manifold without its marker, (GRID * 28, GRID * 28) uint8: cell (row i, column j) decodes z0 = centre of
+        column j, z1 = centre of row i counted from the bottom, every other dimension at the code's value; the cells
+        tile the slider square exactly. One row for a 1-D latent. Kept per digit and values of the other dimensions."""
+        key = (digit, tuple(code[list(self.others)].tolist()))
         if key not in self._manifolds:  # a race here only computes the same picture twice
-            centres = (np.arange(GRID) + 0.5) / GRID * 2 * Z_RANGE - Z_RANGE
-            z1s = centres[::-1] if self.latent_dim > 1 else np.zeros(1)
-            z0_grid, z1_grid = np.meshgrid(centres, z1s)  # (rows, GRID), row 0 = highest z1
-            z = self.latent(torch.from_numpy(z0_grid.ravel()).float(), torch.from_numpy(z1_grid.ravel()).float(),
-                            z0_grid.size, base)
+            centres = torch.from_numpy((np.arange(GRID) + 0.5) / GRID * 2 * Z_RANGE - Z_RANGE).float()
+            rows = centres.flip(0) if self.latent_dim > 1 else torch.zeros(1)
+            z = code.reshape(1, -1).repeat(len(rows) * GRID, 1)  # (cells, latent_dim), row 0 = highest z1
+            z[:, self.dims[0]] = centres.repeat(len(rows))
+            if self.latent_dim > 1:
+                z[:, self.dims[1]] = rows.repeat_interleave(GRID)
             if len(self._manifolds) >= MANIFOLDS_KEPT:
                 self._manifolds.clear()
-            self._manifolds[key] = self.decode(z, [digit] * len(z), columns=GRID)
+            self._manifolds[key] = self.picture(z, [digit] * len(z), columns=GRID)
         return self._manifolds[key]
 
-    def marked(self, grid: np.ndarray, z0: float, z1: float) -> np.ndarray:
-        """The manifold grid in RGB with a marker at (z0, z1)."""
-        picture = Image.fromarray(grid).convert("RGB")
-        height, width = grid.shape
+    def marked(self, manifold: np.ndarray, z0: float, z1: float) -> np.ndarray:
+        """The manifold in RGB with a marker at (z0, z1)."""
+        picture = Image.fromarray(manifold).convert("RGB")
+        height, width = manifold.shape
         x = (z0 + Z_RANGE) / (2 * Z_RANGE) * width
         y = (Z_RANGE - z1) / (2 * Z_RANGE) * height if self.latent_dim > 1 else height / 2
         draw = ImageDraw.Draw(picture)
@@ -357,8 +351,9 @@ class Explorer:
             draw.line((x + dx * r, y + dy * r, x + 2 * dx * r, y + 2 * dy * r), fill=MARKER, width=2)
         return np.asarray(picture)
 
-    def draw(self, digit: int) -> torch.Tensor:
-        """A code (latent_dim,) for this digit from the model's prior (the fitted one when the checkpoint has it)."""
+    def sample_code(self, digit: int) -> torch.Tensor:
+        """A code (latent_dim,) for this digit from the model's prior, "auto": the fitted density when the checkpoint
+        has one, else N(0, I)."""
         digit = check_digit(digit, self.num_classes)
         return self.model.sample_z(torch.tensor([digit]), prior="auto")[0].cpu()
 
@@ -366,16 +361,16 @@ class Explorer:
         digit = check_digit(digit, self.num_classes)
         if image is None:
             raise bad_input("no image: upload a picture of a digit first")
-        return self.encode(open_image(image), digit)
+        return self.encode_picture(open_image(image), digit)
 
     def encode_sketch(self, sketch: dict | None, digit: int) -> torch.Tensor:
         digit = check_digit(digit, self.num_classes)
         composite = sketch.get("composite") if isinstance(sketch, dict) else None
         if composite is None:
             raise bad_input("the drawing is empty: draw a digit first")
-        return self.encode(Image.fromarray(np.asarray(composite, dtype=np.uint8)), digit)
+        return self.encode_picture(Image.fromarray(np.asarray(composite, dtype=np.uint8)), digit)
 
-    def encode(self, image: Image.Image, digit: int) -> torch.Tensor:
+    def encode_picture(self, image: Image.Image, digit: int) -> torch.Tensor:
         """The posterior mean (latent_dim,) of the picture as `digit`. A Bernoulli model encodes the picture's fixed
         binarization, as it sees every image outside training."""
         x = self.model.observe(torch.from_numpy(to_mnist(image)).reshape(1, -1))
@@ -383,31 +378,29 @@ class Explorer:
             mean, _ = self.model.encode(x.to(self.model.device), torch.tensor([digit]))
         return mean[0].cpu()
 
-    def on_sliders(self, z: torch.Tensor) -> tuple[float, float]:
-        """A code's z0, z1 on the sliders (clamped to their range, with a warning when that moved them)."""
-        raw = self.slider_values(z)
-        z0, z1 = to_slider(raw[0]), to_slider(raw[1])
-        if max(abs(raw[0]), abs(raw[1])) > Z_RANGE:
-            gr.Warning(f"Its z = ({raw[0]:.2f}, {raw[1]:.2f}) lies outside the sliders' range; "
-                       f"shown at the nearest edge ({z0:.2f}, {z1:.2f}).")
-        return z0, z1
+    def transfer(self, z: torch.Tensor) -> tuple:
+        """(the style row, one slider value per dimension) of an encoded code, as the sliders show it (on_sliders)."""
+        values = on_sliders(z.tolist())
+        return (self.style_row_code(*values), *values)
 
-    def transfer_code(self, z: torch.Tensor) -> tuple:
-        """(style row, one slider value per dimension) of an encoded code, clamped to the sliders' range."""
-        raw = z.tolist()
-        if max(abs(v) for v in raw) > Z_RANGE:
-            gr.Warning(f"Part of its code lies outside the sliders' range of ±{Z_RANGE:g}; shown at the nearest edge.")
-        values = tuple(to_slider(v) for v in raw)
-        return (self.row(torch.tensor(values)), *values)
+
+def on_sliders(code) -> tuple[float, ...]:
+    """A code as the sliders show it: each value clamped to their range and rounded to their step, with a warning
+    when a value lay outside the range."""
+    values = tuple(to_slider(v) for v in code)
+    if max(abs(v) for v in code) > Z_RANGE:
+        gr.Warning(f"Its z = ({', '.join(f'{v:.2f}' for v in code)}) lies outside the sliders' range; "
+                   f"shown at the nearest edge ({', '.join(f'{v:.2f}' for v in values)}).")
+    return values
 
 
 def page_notes(explorer: Explorer) -> tuple[str, str]:
-    """(which prior the random button uses, how the sliders map onto z) in words."""
+    """(where Random z takes its codes from, how the sliders map onto z) in words."""
     prior = f"**Random z** samples from {explorer.model.describe_prior()}"
     if explorer.prior == "fitted":
         prior += ", so it lands where that digit's real handwriting lives."
     else:
-        prior += " (this checkpoint has no fitted prior)."
+        prior += " (this checkpoint has no fitted density)."
     d = explorer.latent_dim
     if d == 1:
         dims = "This checkpoint has a 1-D latent: only z0 exists, the z1 slider is hidden."
@@ -422,10 +415,10 @@ def page_notes(explorer: Explorer) -> tuple[str, str]:
 
 
 def slider_dims(model, data_dir: Path) -> tuple[int, ...] | None:
-    """The latent dimensions the sliders set: for a latent wider than 2, the two whose posterior means vary most over
-    the MNIST test set in `data_dir` (model.informative_dims, the two test.py's latent_scatter.png shows), written
-    there first when it is missing, as train.py and test.py do; None (the first dimensions, no data needed) otherwise.
-    Raises DataError when the test set is missing and cannot be written."""
+    """The latent dimensions the main sliders set: for a latent wider than 2, the two whose posterior means vary most
+    over the MNIST test set in `data_dir` (latent.informative_dims, the two test.py's latent_scatter.png shows),
+    written there first when it is missing, as train.py and test.py do; None (the first dimensions, no data needed)
+    otherwise. Raises DataError when the test set is missing and cannot be written."""
     if model.hparams.latent_dim <= 2:
         return None
     prepare_mnist(data_dir)
@@ -438,9 +431,9 @@ class Page:
     """The components that events read and write; the rest of the page is static."""
 
     digit: gr.Radio
-    z0: gr.Slider
+    z0: gr.Slider  # the main sliders, of Explorer.dims (z1 hidden for a 1-D latent: only the 2-D endpoints have it)
     z1: gr.Slider
-    others: list[gr.Slider]  # a latent wider than 2: a slider for each of Explorer.others, in that order
+    sliders: list[gr.Slider]  # the code: one slider per latent dimension, the slider of z[i] at index i
     random_button: gr.Button
     image: gr.Image
     manifold: gr.Image
@@ -451,29 +444,24 @@ class Page:
     encode_upload: gr.Button
     label: gr.Radio
 
-    def code_sliders(self, explorer: Explorer) -> list[gr.Slider]:
-        """The sliders in latent order: the slider of z[i] at index i."""
-        by_dim = {explorer.dims[0]: self.z0, explorer.dims[1]: self.z1, **dict(zip(explorer.others, self.others))}
-        return [by_dim[i] for i in range(explorer.latent_dim)]
 
-
-START = (7, 0.0, 0.0)  # the digit, z0 and z1 the page opens with (every other dimension at 0)
+START_DIGIT = 7  # the digit the page opens with, at the code 0
 OTHERS_TITLE = "The other dimensions of z"
 
 
 def build_app(model, dims: tuple[int, ...] | None = None) -> gr.Blocks:
-    """The explorer page for a loaded CVAE, its sliders in the latent dimensions `dims` (see Explorer), not yet
+    """The explorer page for a loaded CVAE, its main sliders in the latent dimensions `dims` (see Explorer), not yet
     served (see launch)."""
     explorer = Explorer(model, dims)
     with gr.Blocks(title="CVAE latent explorer", analytics_enabled=False, delete_cache=(600, 600)) as app:
-        page = lay_out(explorer)
-        wire_events(explorer, page)
+        wire(explorer, lay_out(explorer))
     return app
 
 
 def lay_out(explorer: Explorer) -> Page:
     """The page's components, top to bottom; call inside a gr.Blocks."""
     digits = list(range(explorer.num_classes))
+    start = [0.0] * explorer.latent_dim
     prior_note, dims_note = page_notes(explorer)
     slider = dict(minimum=-Z_RANGE, maximum=Z_RANGE, step=Z_STEP, value=0.0)
     gr.Markdown("# Conditional VAE: latent-space explorer\n"
@@ -482,28 +470,36 @@ def lay_out(explorer: Explorer) -> Page:
                 "watch the digit change as you drag.", elem_id="title")
     with gr.Row(equal_height=False):
         with gr.Column(scale=4, min_width=260):
-            digit = DigitRadio(digits, value=START[0], label="Digit", elem_id="digit")
+            digit = DigitRadio(digits, value=START_DIGIT, label="Digit", elem_id="digit")
             z0 = ZSlider(label=explorer.names[0], elem_id="z0", **slider)
             z1 = ZSlider(label=explorer.names[1], elem_id="z1", visible=explorer.latent_dim > 1, **slider)
-            others = []
+            by_dim = dict(zip(explorer.dims, (z0, z1)))
             if explorer.others:
                 with gr.Accordion(OTHERS_TITLE, open=False, elem_id="others"):
-                    others = [ZSlider(label=latent_name(i, explorer.latent_dim), elem_id=f"z-{i}", **slider)
-                              for i in explorer.others]
+                    by_dim.update({i: ZSlider(label=latent_name(i, explorer.latent_dim), elem_id=f"z-{i}", **slider)
+                                   for i in explorer.others})
             random_button = gr.Button("Random z", variant="primary", elem_id="random")
             gr.Markdown(f"{prior_note}\n\nThe sliders span ±{Z_RANGE:g} standard deviations of N(0, I). "
                         f"{dims_note}")
         with gr.Column(scale=4, min_width=360):
-            image = gr.Image(explorer.generate(*START), label="Decoded digit", format="png", height=360,
-                             interactive=False, buttons=["download"], elem_id="digit-image",
+            image = gr.Image(explorer.generate_code(START_DIGIT, *start), label="Decoded digit", format="png",
+                             height=360, interactive=False, buttons=["download"], elem_id="digit-image",
                              elem_classes=["pixelated"])
         with gr.Column(scale=5, min_width=360):
             x_name, y_name = explorer.names
-            manifold = gr.Image(explorer.manifold(*START), label=f"Manifold of this digit ({x_name} →, {y_name} ↑)",
-                                format="png", height=360, interactive=False, buttons=["download"],
-                                elem_id="manifold", elem_classes=["pixelated"])
-    row = gr.Image(explorer.style_row(*START[1:]), label="Same style, all ten digits", format="png",
+            manifold = gr.Image(explorer.manifold_code(START_DIGIT, *start),
+                                label=f"Manifold of this digit ({x_name} →, {y_name} ↑)", format="png", height=360,
+                                interactive=False, buttons=["download"], elem_id="manifold",
+                                elem_classes=["pixelated"])
+    row = gr.Image(explorer.style_row_code(*start), label="Same style, all ten digits", format="png",
                    interactive=False, buttons=["download"], elem_id="style-row", elem_classes=["pixelated"])
+    sketch, encode_sketch, upload, encode_upload, label = lay_out_handwriting(digits)
+    return Page(digit, z0, z1, [by_dim[i] for i in range(explorer.latent_dim)], random_button, image, manifold, row,
+                sketch, encode_sketch, upload, encode_upload, label)
+
+
+def lay_out_handwriting(digits: list[int]) -> tuple:
+    """The panel that encodes the user's digit: (sketchpad, its button, upload, its button, the label they name)."""
     with gr.Accordion("Your handwriting: draw or upload a digit, see all ten in that style", open=True):
         with gr.Row(equal_height=False):
             with gr.Column(scale=3):
@@ -522,12 +518,11 @@ def lay_out(explorer: Explorer) -> Page:
                                              sources=["upload", "clipboard"], height=320, elem_id="upload")
                         encode_upload = gr.Button("Encode this picture", variant="primary")
             with gr.Column(scale=2):
-                label = DigitRadio(digits, value=START[0], label="It is a …", elem_id="label")
+                label = DigitRadio(digits, value=START_DIGIT, label="It is a …", elem_id="label")
                 gr.Markdown("The encoder finds the z of your digit; the sliders jump there and the row above "
                             "shows the ten digits in your handwriting. Dark-on-light and light-on-dark both "
                             "work; the digit is centred and scaled the way MNIST was.")
-    return Page(digit, z0, z1, others, random_button, image, manifold, row, sketch, encode_sketch, upload,
-                encode_upload, label)
+    return sketch, encode_sketch, upload, encode_upload, label
 
 
 # One queue slot pool for everything that runs the model; the live pictures follow every change of digit or z (a slider
@@ -536,63 +531,44 @@ MODEL_EVENT = dict(concurrency_limit=CONCURRENCY, concurrency_id="model")
 LIVE = dict(trigger_mode="always_last", show_progress="hidden", **MODEL_EVENT)
 
 
-def wire_events(explorer: Explorer, page: Page) -> None:
-    """Connect the components to the explorer's functions, naming the API endpoints; call inside the gr.Blocks. The
-    page of a latent wider than 2 runs on the whole code (wire_code_events)."""
-    if page.others:
-        wire_code_events(explorer, page)
-        return
-    digit, z0, z1 = page.digit, page.z0, page.z1
-    gr.on([digit.change, z0.change, z1.change], explorer.generate, [digit, z0, z1], page.image,
-          api_name="generate", **LIVE)
-    gr.on([z0.change, z1.change], explorer.style_row, [z0, z1], page.row, api_name="style_row", **LIVE)
-    gr.on([digit.change, z0.change, z1.change], explorer.manifold, [digit, z0, z1], page.manifold,
-          api_name="manifold", **LIVE)
-    page.random_button.click(explorer.random_z, digit, [z0, z1], api_name="random_z", **MODEL_EVENT)
-    # Encoding sets the sliders (which redraw the pictures) and then shows the digit the user said it was.
-    page.encode_upload.click(explorer.style_transfer, [page.upload, page.label], [page.row, z0, z1],
-                             api_name="style_transfer", **MODEL_EVENT
-                             ).success(lambda d: d, page.label, digit, api_visibility="private", queue=False)
-    page.encode_sketch.click(explorer.style_transfer_sketch, [page.sketch, page.label], [page.row, z0, z1],
-                             api_visibility="private", **MODEL_EVENT
-                             ).success(lambda d: d, page.label, digit, api_visibility="private", queue=False)
-
-
-def wire_code_events(explorer: Explorer, page: Page) -> None:
-    """The page of a latent wider than 2: every event reads and sets a slider per dimension (the "code" endpoints,
-    their parameters z0 ... z{d-1} one per dimension). The endpoints of (digit, z0, z1) stay for API clients, on a
-    button the page does not show."""
-    digit, sliders = page.digit, page.code_sliders(explorer)
-    changes = [slider.change for slider in sliders]
+def wire(explorer: Explorer, page: Page) -> None:
+    """Connect the page to the explorer and name the API endpoints; call inside the gr.Blocks. Every event reads or
+    sets the whole code, a slider per dimension (the endpoints ending in _code, their parameters z0 ... z{d-1}). The
+    endpoints of (digit, z0, z1) are the adapters, on the main sliders; no event of the page runs them."""
+    digit, sliders = page.digit, page.sliders
     code = [f"z{i}" for i in range(explorer.latent_dim)]
-    gr.on([digit.change, *changes], parameters(explorer.generate_code, "digit", *code), [digit, *sliders],
-          page.image, api_name="generate_code", **LIVE)
-    gr.on(changes, parameters(explorer.style_row_code, *code), sliders, page.row, api_name="style_row_code", **LIVE)
-    gr.on([digit.change, *changes], parameters(explorer.manifold_code, "digit", *code), [digit, *sliders],
-          page.manifold, api_name="manifold_code", **LIVE)
-    page.random_button.click(explorer.random_code, digit, sliders, api_name="random_code", **MODEL_EVENT)
-    page.encode_upload.click(explorer.style_transfer_code, [page.upload, page.label], [page.row, *sliders],
-                             api_name="style_transfer_code", **MODEL_EVENT
-                             ).success(lambda d: d, page.label, digit, api_visibility="private", queue=False)
-    page.encode_sketch.click(explorer.style_transfer_sketch_code, [page.sketch, page.label], [page.row, *sliders],
-                             api_visibility="private", **MODEL_EVENT
-                             ).success(lambda d: d, page.label, digit, api_visibility="private", queue=False)
-    api_only = gr.Button(visible=False)
+    moves = [slider.change for slider in sliders]
+    gr.on([digit.change, *moves], handler(explorer.generate_code, "digit", *code), [digit, *sliders], page.image,
+          api_name="generate_code", **LIVE)
+    gr.on(moves, handler(explorer.style_row_code, *code), sliders, page.row, api_name="style_row_code", **LIVE)
+    gr.on([digit.change, *moves], handler(explorer.manifold_code, "digit", *code), [digit, *sliders], page.manifold,
+          api_name="manifold_code", **LIVE)
+    page.random_button.click(handler(explorer.random_code, "digit"), digit, sliders, api_name="random_code",
+                             **MODEL_EVENT)
+    # Encoding sets the sliders (which redraw the pictures) and then shows the digit the user said it was.
+    for button, picture, encode, api in (
+            (page.encode_upload, page.upload, explorer.style_transfer_code, dict(api_name="style_transfer_code")),
+            (page.encode_sketch, page.sketch, explorer.style_transfer_sketch_code, dict(api_visibility="private"))):
+        button.click(encode, [picture, page.label], [page.row, *sliders], **api, **MODEL_EVENT
+                     ).success(lambda label: label, page.label, digit, api_visibility="private", queue=False)
+    # gr.on with no trigger: an endpoint of the API alone, its parameters and answers the main sliders' components'.
     z0, z1 = page.z0, page.z1
-    api_only.click(explorer.generate, [digit, z0, z1], page.image, api_name="generate", **MODEL_EVENT)
-    api_only.click(explorer.style_row, [z0, z1], page.row, api_name="style_row", **MODEL_EVENT)
-    api_only.click(explorer.manifold, [digit, z0, z1], page.manifold, api_name="manifold", **MODEL_EVENT)
-    api_only.click(explorer.random_z, digit, [z0, z1], api_name="random_z", **MODEL_EVENT)
-    api_only.click(explorer.style_transfer, [page.upload, page.label], [page.row, z0, z1],
-                   api_name="style_transfer", **MODEL_EVENT)
+    for adapter, inputs, outputs in ((explorer.generate, [digit, z0, z1], page.image),
+                                     (explorer.style_row, [z0, z1], page.row),
+                                     (explorer.manifold, [digit, z0, z1], page.manifold),
+                                     (explorer.random_z, digit, [z0, z1]),
+                                     (explorer.style_transfer, [page.upload, page.label], [page.row, z0, z1])):
+        gr.on([], adapter, inputs, outputs, api_name=adapter.__name__, **MODEL_EVENT)
 
 
-def parameters(method, *names: str):
-    """`method` under a signature with these parameter names, which the API page and gradio_client show (a method
-    of *code would show param_1, param_2, ...)."""
+def handler(method, *names: str):
+    """`method` as an event's function: under a signature with these parameter names, which the API page and
+    gradio_client show (a method of *code would show param_1, param_2, ...), and with a one-value answer unpacked
+    (Gradio hands a lone output the whole answer: a 1-D latent's Random z sets its one slider to a number)."""
     @functools.wraps(method)
     def call(*args):
-        return method(*args)
+        answer = method(*args)
+        return answer[0] if isinstance(answer, tuple) and len(answer) == 1 else answer
 
     call.__signature__ = inspect.Signature([inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD)
                                             for n in names])

@@ -1,5 +1,7 @@
-"""The latent explorer (gradio_test.py): every named endpoint through gradio_client against the model's own decode,
-bad input, many clients at once, the command line, and the page in a real browser (Debian's chromium via Playwright).
+"""The latent explorer (gradio_test.py): the API (both families of endpoints, the 2-D ones as adapters of the code
+path) through gradio_client against the model's own decode, bad input, many clients at once, how the page is wired
+at every latent width, the command line, and the page in a real browser (Debian's chromium via Playwright) at z 2 and
+z 4: every event's effect on every component it sets.
 
 The browser screenshot is written to a temporary folder (or $UI_SCREENSHOT); $UI_CKPT serves a real checkpoint
 instead of the test's untrained one (that is how assets/ui.png was made).
@@ -9,6 +11,7 @@ from __future__ import annotations
 import io
 import os
 import socket
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +33,13 @@ ENDPOINTS = {"/generate": ["digit", "z0", "z1"], "/style_row": ["z0", "z1"], "/m
              "/random_z": ["digit"], "/style_transfer": ["image", "digit"]}
 
 
+def code_endpoints(latent_dim: int) -> dict[str, list[str]]:
+    """The endpoints of the whole code and their parameters, for a latent of this width."""
+    code = [f"z{i}" for i in range(latent_dim)]
+    return {"/generate_code": ["digit", *code], "/style_row_code": code, "/manifold_code": ["digit", *code],
+            "/random_code": ["digit"], "/style_transfer_code": ["image", "digit"]}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -47,12 +57,12 @@ def launch_on_a_free_port(app, tries: int = 5) -> str:
 
 
 def save_untrained(path: Path, latent_dim: int = 2, fitted_prior: bool = True) -> Path:
-    """An untrained CVAE as a Lightning-style checkpoint; optionally a fitted prior of narrow, well-separated
-    per-digit Gaussians, so a test can tell that the random button samples from it."""
+    """An untrained CVAE as a Lightning-style checkpoint; optionally (fitted_prior) a fitted density of narrow,
+    well-separated per-digit Gaussians, so a test can tell that the random button samples from it."""
     torch.manual_seed(0)
     model = CVAE(latent_dim=latent_dim)
     if fitted_prior:
-        means = torch.tensor([[(d - 4.5) / 2, 1.0 - d / 5] + [0.0] * (latent_dim - 2) for d in range(10)])
+        means = torch.tensor([([(d - 4.5) / 2, 1.0 - d / 5] + [0.0] * latent_dim)[:latent_dim] for d in range(10)])
         model.fitted_prior = {"kind": "per-class", "weights": torch.ones(10, 1), "means": means[:, None],
                               "scale_tril": 0.01 * torch.eye(latent_dim).repeat(10, 1, 1, 1)}
     checkpoint = {"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams)}
@@ -73,9 +83,14 @@ def read_png(path: str) -> np.ndarray:
     return np.asarray(Image.open(path))
 
 
+def same_pixels(got: np.ndarray | None, want: np.ndarray) -> bool:
+    """The same picture, but for float rounding at a .5 boundary (one level at most)."""
+    return got is not None and got.shape == want.shape and np.abs(got.astype(int) - want.astype(int)).max() <= 1
+
+
 def assert_same_pixels(got: np.ndarray, want: np.ndarray) -> None:
     assert got.shape == want.shape
-    assert np.abs(got.astype(int) - want.astype(int)).max() <= 1  # float rounding at a .5 boundary at most
+    assert same_pixels(got, want), np.abs(got.astype(int) - want.astype(int)).max()
 
 
 def digit_picture(path: Path, dark_on_light: bool = True, size: int = 200) -> Path:
@@ -111,11 +126,73 @@ def served(tmp_path_factory):
 
 
 def test_named_endpoints_are_listed(served):
-    _, _, client = served
+    """Both families, as gradio_client sees them; the page's helper events (the drawing's encode, the digit it then
+    shows) stay out of the API."""
+    _, model, client = served
     named = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
-    for name, params in ENDPOINTS.items():
-        assert [p["parameter_name"] for p in named[name]["parameters"]] == params, name
-    assert set(named) == set(ENDPOINTS), "helper events should stay out of the API"
+    assert {name: [p["parameter_name"] for p in named[name]["parameters"]] for name in named} == \
+        {**ENDPOINTS, **code_endpoints(model.hparams.latent_dim)}
+
+
+@pytest.mark.parametrize("latent_dim", [1, 2, 4])
+def test_both_families_are_listed_at_every_width(tmp_path, latent_dim):
+    """The 2-D endpoints keep their parameters and answers at every width; the code endpoints take one value per
+    dimension and answer one per dimension."""
+    model = load_cvae(save_untrained(tmp_path / "cvae.ckpt", latent_dim=latent_dim))
+    named = ui.build_app(model, (2, 0) if latent_dim == 4 else None).get_api_info()["named_endpoints"]
+    assert {name: [p["parameter_name"] for p in named[name]["parameters"]] for name in named} == \
+        {**ENDPOINTS, **code_endpoints(latent_dim)}
+    answers = {name: [r["label"] for r in named[name]["returns"]] for name in named}
+    assert answers["/random_z"] == (["z0", "z1"] if latent_dim <= 2 else ["z[2]", "z[0]"])
+    assert answers["/style_transfer"][0] == answers["/style_transfer_code"][0] == "Same style, all ten digits"
+    assert len(answers["/random_code"]) == latent_dim and len(answers["/style_transfer_code"]) == latent_dim + 1
+
+
+@pytest.mark.parametrize("latent_dim", [1, 2, 4])
+def test_every_page_event_runs_on_the_whole_code(tmp_path, latent_dim):
+    """How the page is wired, at every width: every slider's change and the digit's redraw the pictures that depend
+    on them (the live ones follow the last value of a drag: a missing trigger leaves a stale picture), Random z and
+    both encodes set every slider, an encode then shows the digit the user named (only when it worked), and no event
+    of the page runs the 2-D endpoints. Components by elem_id, buttons by their text."""
+    model = load_cvae(save_untrained(tmp_path / "cvae.ckpt", latent_dim=latent_dim))
+    app = ui.build_app(model, (2, 0) if latent_dim == 4 else None)
+    code = {1: ["z0"], 2: ["z0", "z1"], 4: ["z1", "z-1", "z0", "z-3"]}[latent_dim]  # the slider of each dimension
+    moves = {(slider, "change") for slider in code}
+    wiring = {  # handler -> (the events that run it, its inputs, its outputs)
+        "generate_code": (moves | {("digit", "change")}, ["digit", *code], ["digit-image"]),
+        "style_row_code": (moves, code, ["style-row"]),
+        "manifold_code": (moves | {("digit", "change")}, ["digit", *code], ["manifold"]),
+        "random_code": ({("random", "click")}, ["digit"], code),
+        "style_transfer_code": ({("Encode this picture", "click")}, ["upload", "label"], ["style-row", *code]),
+        "style_transfer_sketch_code": ({("Encode my drawing", "click")}, ["sketch", "label"], ["style-row", *code]),
+        "generate": (set(), ["digit", "z0", "z1"], ["digit-image"]),
+        "style_row": (set(), ["z0", "z1"], ["style-row"]),
+        "manifold": (set(), ["digit", "z0", "z1"], ["manifold"]),
+        "random_z": (set(), ["digit"], ["z0", "z1"]),
+        "style_transfer": (set(), ["upload", "label"], ["style-row", "z0", "z1"]),
+    }
+
+    def name(block) -> str:
+        return block.elem_id or block.value
+
+    fns = list(app.fns.values())
+    handlers = {fn.fn.__name__: fn for fn in fns if fn.fn.__name__ in wiring}
+    assert set(handlers) == set(wiring)
+    for handler, (triggers, inputs, outputs) in wiring.items():
+        fn = handlers[handler]
+        assert {(name(app.blocks[i]), event) for i, event in fn.targets} == triggers, handler
+        assert ([name(b) for b in fn.inputs], [name(b) for b in fn.outputs]) == (inputs, outputs), handler
+        assert getattr(fn.fn, "__wrapped__", fn.fn).__self__.model is model, handler
+        assert fn.trigger_mode == ("always_last" if triggers and triggers <= moves | {("digit", "change")} else
+                                   "once"), handler
+        assert fn.api_visibility == ("private" if handler == "style_transfer_sketch_code" else "public"), handler
+    for handler in ("style_transfer_code", "style_transfer_sketch_code"):
+        (then,) = [fn for fn in fns if fn.trigger_after == handlers[handler]._id]
+        assert then.trigger_only_on_success and then.fn(4) == 4, handler
+        assert ([name(b) for b in then.inputs], [name(b) for b in then.outputs]) == (["label"], ["digit"]), handler
+    assert len(fns) == len(wiring) + 2  # nothing else runs
+    answer = handlers["random_code"].fn(4)  # what the sliders receive: Gradio hands a lone output the whole answer
+    assert isinstance(answer, float) if latent_dim == 1 else len(answer) == latent_dim
 
 
 @pytest.mark.parametrize("digit, z0, z1", [(0, 0.0, 0.0), (7, 1.5, -2.25), (9, -3.0, 3.0)])
@@ -151,12 +228,12 @@ def test_manifold_has_the_grid_and_a_marker_at_z(served):
     assert_same_pixels(pic[:28, :28, 0], decoded(model, [[-centre, centre]], [3])[0])
 
 
-def test_random_z_samples_the_fitted_prior(served):
-    """/random_z draws from the checkpoint's fitted prior: the mean of many draws for a digit sits on that digit's
-    prior mean, within four standard errors (the test's prior is narrow; a real one, with UI_CKPT, is not)."""
+def test_random_z_samples_the_fitted_density(served):
+    """/random_z draws from the checkpoint's fitted density: the mean of many draws for a digit sits on that digit's
+    mean, within four standard errors (the test's density is narrow; a real one, with UI_CKPT, is not)."""
     _, model, client = served
     if model.fitted_prior is None:
-        pytest.skip("this checkpoint has no fitted prior")
+        pytest.skip("this checkpoint has no fitted density")
     explorer = ui.Explorer(model)
     for digit in (0, 9):
         z0, z1 = client.predict(digit, api_name="/random_z")  # through the API once, then many in-process
@@ -222,6 +299,9 @@ def bad_requests(tmp_path: Path) -> list[tuple[str, tuple, str]]:
         ("/style_transfer", (handle_file(text), 3), "image"), ("/style_transfer", (handle_file(tiny), 3), "2 x 2"),
         ("/style_transfer", (handle_file(blank), 3), "empty"), ("/style_transfer", (handle_file(seven), 10),
                                                                  digit + "10"),
+        ("/generate_code", (3, 0.0, 50.0), "z1 = 50 is outside"), ("/generate_code", (-2, 0.0, 0.0), digit + "-2"),
+        ("/style_row_code", ("x", 0.0), "z0 must be a number"), ("/manifold_code", (3.5, 0.0, 0.0), digit + "3.5"),
+        ("/random_code", (12,), digit + "12"), ("/style_transfer_code", (handle_file(blank), 3), "empty"),
     ]
 
 
@@ -294,14 +374,59 @@ def test_wide_latent_slides_its_two_most_informative_dims_and_its_old_endpoints_
     assert_same_pixels(explorer.generate(2, 1.0, -1.0), decoded(model, [[0, 1.0, 0, -1.0, 0]], [2])[0])
     # The manifold's top-left cell: the smallest z[1] and the largest z[3] of the slider square.
     centre = (0.5 / ui.GRID * 2 - 1) * ui.Z_RANGE
-    assert_same_pixels(explorer.manifold_grid(2)[:28, :28], decoded(model, [[0, centre, 0, -centre, 0]], [2])[0])
-    # The fitted prior of digit 4 is narrow around (-0.25, 0.2, 0, 0, 0): the sliders get its z[1] and z[3].
+    assert_same_pixels(explorer.unmarked_manifold(2, torch.zeros(5))[:28, :28],
+                       decoded(model, [[0, centre, 0, -centre, 0]], [2])[0])
+    # The fitted density of digit 4 is narrow around (-0.25, 0.2, 0, 0, 0): the sliders get its z[1] and z[3].
     assert explorer.random_z(4) == pytest.approx((0.2, 0.0), abs=0.1)
     assert isinstance(ui.build_app(model, dims), ui.gr.Blocks)  # builds (and serves nothing)
     # A 2-D latent needs no data: the sliders are the whole code.
     narrow = load_cvae(save_untrained(tmp_path / "narrow.ckpt"))
     assert ui.slider_dims(narrow, tmp_path / "no-data") is None
     assert ui.Explorer(narrow).names == ("z0", "z1")
+
+
+@pytest.mark.parametrize("latent_dim, dims", [(1, None), (2, None), (4, (2, 0))])
+def test_the_2d_endpoints_are_the_code_path_on_the_main_sliders(tmp_path, latent_dim, dims):
+    """Each endpoint of (digit, z0, z1) answers what its code endpoint answers for the code with z0 and z1 in the main
+    sliders' dimensions (z[2] and z[0] of the 4-D latent here) and 0 elsewhere, and that is the model's own decode; a
+    1-D latent ignores z1 (a bad one is still refused)."""
+    model = load_cvae(save_untrained(tmp_path / "cvae.ckpt", latent_dim=latent_dim))
+    explorer = ui.Explorer(model, dims)
+    z0, z1 = 1.25, -2.5
+    code = {1: [z0], 2: [z0, z1], 4: [z1, 0.0, z0, 0.0]}[latent_dim]
+
+    def main(values) -> tuple[float, float]:  # a code's z0 and z1
+        return (values[0], 0.0) if latent_dim == 1 else tuple(values) if latent_dim == 2 else (values[2], values[0])
+
+    assert_same_pixels(explorer.generate(6, z0, z1), decoded(model, [code], [6])[0])
+    assert np.array_equal(explorer.generate(6, z0, z1), explorer.generate_code(6, *code))
+    assert np.array_equal(explorer.style_row(z0, z1), explorer.style_row_code(*code))
+    assert np.array_equal(explorer.manifold(6, z0, z1), explorer.manifold_code(6, *code))
+    c = ui.Z_RANGE * (1 - 1 / ui.GRID)  # the top-left cell: the smallest z0, the largest z1 (the marker is far)
+    corner = {1: [-c], 2: [-c, c], 4: [c, 0.0, -c, 0.0]}[latent_dim]
+    assert_same_pixels(explorer.manifold(6, z0, z1)[:28, :28, 0], decoded(model, [corner], [6])[0])
+    torch.manual_seed(5)
+    whole = explorer.random_code(6)
+    torch.manual_seed(5)
+    assert explorer.random_z(6) == main(whole) and len(whole) == latent_dim
+    path = str(digit_picture(tmp_path / "seven.png"))
+    _, *values = explorer.style_transfer_code(path, 7)
+    row, *pair = explorer.style_transfer(path, 7)
+    assert tuple(pair) == main(values) and np.array_equal(row, explorer.style_row(*pair))
+    if latent_dim == 1:
+        assert np.array_equal(explorer.generate(6, z0, 2.0), explorer.generate(6, z0, -2.0))
+        with pytest.raises(ui.gr.Error, match="z1 = 5 is outside"):
+            explorer.generate(6, z0, 5.0)
+
+
+def test_an_encoded_code_goes_on_the_sliders_clamped_at_both_ends_with_a_warning():
+    with pytest.warns(UserWarning) as caught:  # gr.Warning outside a request is a Python warning
+        assert ui.on_sliders([4.567, -3.5, 1.234]) == (3.0, -3.0, 1.23)
+    assert [str(w.message) for w in caught] == ["Its z = (4.57, -3.50, 1.23) lies outside the sliders' range; shown "
+                                                "at the nearest edge (3.00, -3.00, 1.23)."]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert ui.on_sliders([2.999, -3.0, 0.004]) == (3.0, -3.0, 0.0)  # inside (rounded to the step): no warning
 
 
 def test_the_page_builds_with_a_pillow_that_cannot_write_webp(tmp_path, monkeypatch):
@@ -351,6 +476,56 @@ def test_host_and_port_defaults_and_environment(monkeypatch):
     assert (args.host, args.port) == ("0.0.0.0", 7999)
 
 
+# ----- the code endpoints of a latent wider than 2 ----------------------------------------------------------------------
+WIDE_DIMS = (1, 3)  # the z-4 page's main sliders; z[0] and z[2] sit under "The other dimensions of z"
+
+
+def density_model(path: Path, latent_dim: int = 4):
+    """An untrained CVAE whose fitted density is a narrow Gaussian per digit at a point of its own in every dimension
+    (digit 9's past both ends of the sliders' range), so a test can tell which slider got which value. Returns
+    (model, the density's means)."""
+    torch.manual_seed(0)
+    model = CVAE(latent_dim=latent_dim)
+    means = torch.tensor([[(d - 4.5) / 2, 1.0 - d / 5, 0.3 * d - 1.5, 2.0 - 0.4 * d][:latent_dim] for d in range(10)])
+    means[9] = torch.tensor([4.0, -4.5, 5.0, -3.5][:latent_dim])
+    model.fitted_prior = {"kind": "per-class", "weights": torch.ones(10, 1), "means": means[:, None],
+                          "scale_tril": 0.001 * torch.eye(latent_dim).repeat(10, 1, 1, 1)}
+    checkpoint = {"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams)}
+    model.on_save_checkpoint(checkpoint)
+    torch.save(checkpoint, path)
+    return load_cvae(path), means
+
+
+def test_the_code_endpoints_decode_every_dimension(tmp_path):
+    model, means = density_model(tmp_path / "wide.ckpt")
+    explorer = ui.Explorer(model, WIDE_DIMS)
+    code = [0.5, -1.0, 1.5, 2.0]
+    assert_same_pixels(explorer.generate_code(3, *code), decoded(model, [code], [3])[0])
+    row = explorer.style_row_code(*code)[::ui.ROW_SCALE, ::ui.ROW_SCALE]
+    for digit in range(10):
+        assert_same_pixels(row[:, digit * 28:(digit + 1) * 28], decoded(model, [code], [digit])[0])
+    # The manifold: the main sliders' square, the other dimensions at the code's values.
+    centre = (0.5 / ui.GRID * 2 - 1) * ui.Z_RANGE  # the top-left cell: the smallest z[1], the largest z[3]
+    shown = explorer.manifold_code(3, *code)  # RGB, the marker at z[1] = -1, z[3] = 2: far from the top-left cell
+    assert_same_pixels(shown[:28, :28, 0], decoded(model, [[0.5, centre, 1.5, -centre]], [3])[0])
+    assert not np.array_equal(shown, explorer.manifold(3, -1.0, 2.0))  # the other dimensions matter
+    assert explorer.random_code(4) == pytest.approx(means[4].tolist(), abs=0.01)
+    assert explorer.random_code(9) == (3.0, -3.0, 3.0, -3.0)  # clamped to the sliders' range
+    with pytest.raises(ui.gr.Error, match="expected 4 values"):
+        explorer.generate_code(3, 0.0, 0.0)
+    with pytest.raises(ui.gr.Error, match=r"z\[2\] = 4 is outside"):
+        explorer.generate_code(3, 0.0, 0.0, 4.0, 0.0)
+    # Encoding gives the whole code: the row is that code's, the values its posterior mean (within the range).
+    path = digit_picture(tmp_path / "seven.png")
+    row, *values = explorer.style_transfer_code(str(path), 7)
+    x = torch.from_numpy(ui.to_mnist(Image.open(path))).reshape(1, -1)
+    with torch.no_grad():
+        mean = model.encode(x, torch.tensor([7]))[0][0]
+    assert values == [ui.to_slider(v) for v in mean.tolist()]
+    assert np.array_equal(row, explorer.style_row_code(*values))
+
+
+# ----- the page in a real browser ----------------------------------------------------------------------------------------
 def browser_or_skip() -> str:
     """Debian's chromium and Playwright for Python; missing ones fail the test under CI and skip it elsewhere."""
     problem = None
@@ -368,6 +543,20 @@ def browser_or_skip() -> str:
     return str(CHROMIUM)
 
 
+@pytest.fixture(scope="module")
+def chromium():
+    """Headless Chromium under Playwright, shared by the browser tests of this module."""
+    executable = browser_or_skip()
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=executable, headless=True, args=CHROMIUM_ARGS)
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
 def draw_a_seven(page) -> None:
     """Three strokes of the mouse on the sketchpad's canvas: a 7."""
     canvas = page.locator("#sketch canvas").first.bounding_box()
@@ -380,251 +569,266 @@ def draw_a_seven(page) -> None:
     page.mouse.up()
 
 
-def test_page_in_a_real_browser(served, tmp_path):
-    """Open the page in headless Chromium: dragging z0 changes the picture while the button is still held (live, no
-    Generate button); the digit selector, the random button, an empty drawing (a message) and a drawn 7 all work.
-    Then save a screenshot."""
-    executable = browser_or_skip()
-    from playwright.sync_api import expect, sync_playwright
+def test_page_in_a_real_browser(served, chromium, tmp_path):
+    """The z-2 page in headless Chromium: the digit is shown large; dragging z0 changes the picture while the button
+    is still held (live, no Generate button); an empty drawing gets a message, a drawn 7 moves the sliders. Then save
+    a screenshot."""
+    from playwright.sync_api import expect
 
     url, model, _ = served
     screenshot = Path(SCREENSHOT or tmp_path / "ui_screenshot.png")
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=executable, headless=True, args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1280, "height": 900})
-            page.goto(url)
-            image, row = page.locator("#digit-image img"), page.locator("#style-row img")
-            z0, z1 = page.locator("#z0 input[type=number]"), page.locator("#z1 input[type=number]")
-            expect(image).to_be_visible(timeout=60_000)
-            # The server sends the digit at 28 x 28; the page must show it large, not as a 28 px thumbnail.
-            assert image.evaluate("img => img.naturalWidth") == 28
-            shown = image.bounding_box()
-            assert min(shown["width"], shown["height"]) >= 250, shown
-            expect(page.get_by_text("Same style, all ten digits")).to_be_visible()
-            expect(page.get_by_text("fitted" if model.fitted_prior is not None else "N(0, I)").first).to_be_visible()
+    page = chromium.new_page(viewport={"width": 1280, "height": 900})
+    try:
+        page.goto(url)
+        image, row = page.locator("#digit-image img"), page.locator("#style-row img")
+        z0, z1 = page.locator("#z0 input[type=number]"), page.locator("#z1 input[type=number]")
+        expect(image).to_be_visible(timeout=60_000)
+        # The server sends the digit at 28 x 28; the page must show it large, not as a 28 px thumbnail.
+        assert image.evaluate("img => img.naturalWidth") == 28
+        shown = image.bounding_box()
+        assert min(shown["width"], shown["height"]) >= 250, shown
+        expect(page.get_by_text("Same style, all ten digits")).to_be_visible()
+        expect(page.get_by_text("fitted" if model.fitted_prior is not None else "N(0, I)").first).to_be_visible()
 
-            before, row_before = image.get_attribute("src"), row.get_attribute("src")
-            track = page.locator("#z0 input[type=range]").bounding_box()
-            y = track["y"] + track["height"] / 2
-            page.mouse.move(track["x"] + track["width"] / 2, y)
-            page.mouse.down()
-            page.mouse.move(track["x"] + track["width"] * 0.8, y, steps=4)
-            expect(image).not_to_have_attribute("src", before, timeout=30_000)  # the button is still held
-            page.mouse.up()
-            expect(row).not_to_have_attribute("src", row_before, timeout=30_000)
-            assert float(z0.input_value()) > 0.5
+        before, row_before = image.get_attribute("src"), row.get_attribute("src")
+        track = page.locator("#z0 input[type=range]").bounding_box()
+        y = track["y"] + track["height"] / 2
+        page.mouse.move(track["x"] + track["width"] / 2, y)
+        page.mouse.down()
+        page.mouse.move(track["x"] + track["width"] * 0.8, y, steps=4)
+        expect(image).not_to_have_attribute("src", before, timeout=60_000)  # the button is still held
+        page.mouse.up()
+        expect(row).not_to_have_attribute("src", row_before, timeout=60_000)
+        assert float(z0.input_value()) > 0.5
 
-            before = image.get_attribute("src")
-            page.locator("#digit label").filter(has_text="2").click()
-            expect(image).not_to_have_attribute("src", before, timeout=30_000)
+        # An untouched sketchpad gets a message, not a stack trace; a drawn 7 moves the sliders to its code.
+        page.locator("#sketch").scroll_into_view_if_needed()
+        page.get_by_role("button", name="Encode my drawing").click()
+        expect(page.get_by_text("is empty").first).to_be_visible(timeout=60_000)
+        draw_a_seven(page)
+        dragged = (z0.input_value(), z1.input_value())
+        page.get_by_role("button", name="Encode my drawing").click()
+        page.wait_for_function(
+            "s => document.querySelector('#z0 input[type=number]').value !== s[0]"
+            " || document.querySelector('#z1 input[type=number]').value !== s[1]", arg=dragged, timeout=60_000)
+        expect(page.locator("#digit input[type=radio]:checked")).to_have_value("7")  # "It is a 7" is shown
 
-            dragged = z0.input_value()
-            page.get_by_role("button", name="Random z").click()
-            expect(z0).not_to_have_value(dragged, timeout=30_000)
-
-            # An untouched sketchpad gets a message, not a stack trace; a drawn 7 moves the sliders to its code.
-            page.locator("#sketch").scroll_into_view_if_needed()
-            page.get_by_role("button", name="Encode my drawing").click()
-            expect(page.get_by_text("is empty").first).to_be_visible(timeout=30_000)
-            draw_a_seven(page)
-            sampled = (z0.input_value(), z1.input_value())
-            page.get_by_role("button", name="Encode my drawing").click()
-            page.wait_for_function(
-                "s => document.querySelector('#z0 input[type=number]').value !== s[0]"
-                " || document.querySelector('#z1 input[type=number]').value !== s[1]", arg=sampled, timeout=30_000)
-            expect(page.locator("#digit input[type=radio]:checked")).to_have_value("7")  # "It is a 7" is shown
-
-            page.locator("body").evaluate("() => window.scrollTo(0, 0)")
-            page.wait_for_function("() => [...document.images].every(image => image.complete)")  # all pictures in
-            screenshot.parent.mkdir(parents=True, exist_ok=True)
-            page.screenshot(path=str(screenshot), full_page=True)
-        finally:
-            browser.close()
+        page.locator("body").evaluate("() => window.scrollTo(0, 0)")
+        page.wait_for_function("() => [...document.images].every(image => image.complete)")  # all pictures in
+        screenshot.parent.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(screenshot), full_page=True)
+    finally:
+        page.close()
     assert screenshot.stat().st_size > 10_000
     print(f"screenshot: {screenshot}")
 
 
-# ----- a latent wider than 2: a slider for every dimension ------------------------------------------------------------
-WIDE_DIMS = (1, 3)  # the page's main sliders; z[0] and z[2] sit under "The other dimensions of z"
-CODE_ENDPOINTS = {"/generate_code": ["digit", "z0", "z1", "z2", "z3"], "/style_row_code": ["z0", "z1", "z2", "z3"],
-                  "/manifold_code": ["digit", "z0", "z1", "z2", "z3"], "/random_code": ["digit"],
-                  "/style_transfer_code": ["image", "digit"]}
-
-
-def wide_model(path: Path):
-    """An untrained z-4 CVAE whose fitted prior is a narrow Gaussian per digit at a point of its own in all four
-    dimensions, so a test can tell which slider got which value."""
-    torch.manual_seed(0)
-    model = CVAE(latent_dim=4)
-    means = torch.tensor([[(d - 4.5) / 2, 1.0 - d / 5, 0.3 * d - 1.5, 2.0 - 0.4 * d] for d in range(10)])
-    model.fitted_prior = {"kind": "per-class", "weights": torch.ones(10, 1), "means": means[:, None],
-                          "scale_tril": 0.001 * torch.eye(4).repeat(10, 1, 1, 1)}
-    checkpoint = {"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams)}
-    model.on_save_checkpoint(checkpoint)
-    torch.save(checkpoint, path)
-    return load_cvae(path), means
-
-
-def test_the_code_endpoints_decode_every_dimension(tmp_path):
-    model, means = wide_model(tmp_path / "wide.ckpt")
-    explorer = ui.Explorer(model, WIDE_DIMS)
-    code = [0.5, -1.0, 1.5, 2.0]
-    assert_same_pixels(explorer.generate_code(3, *code), decoded(model, [code], [3])[0])
-    row = explorer.style_row_code(*code)[::ui.ROW_SCALE, ::ui.ROW_SCALE]
-    for digit in range(10):
-        assert_same_pixels(row[:, digit * 28:(digit + 1) * 28], decoded(model, [code], [digit])[0])
-    # The manifold: the main sliders' square, the other dimensions at the code's values.
-    centre = (0.5 / ui.GRID * 2 - 1) * ui.Z_RANGE  # the top-left cell: the smallest z[1], the largest z[3]
-    shown = explorer.manifold_code(3, *code)  # RGB, the marker at z[1] = -1, z[3] = 2: far from the top-left cell
-    assert_same_pixels(shown[:28, :28, 0], decoded(model, [[0.5, centre, 1.5, -centre]], [3])[0])
-    assert not np.array_equal(shown, explorer.manifold(3, -1.0, 2.0))  # the other dimensions matter
-    assert explorer.random_code(4) == pytest.approx(means[4].tolist(), abs=0.01)
-    assert explorer.random_z(4) == pytest.approx(means[4, list(WIDE_DIMS)].tolist(), abs=0.01)
-    with pytest.raises(ui.gr.Error, match="expected 4 values"):
-        explorer.generate_code(3, 0.0, 0.0)
-    with pytest.raises(ui.gr.Error, match=r"z\[2\] = 4 is outside"):
-        explorer.generate_code(3, 0.0, 0.0, 4.0, 0.0)
-    # Encoding gives the whole code: the row is that code's, the values its posterior mean (within the range).
-    path = digit_picture(tmp_path / "seven.png")
-    row, *values = explorer.style_transfer_code(str(path), 7)
-    x = torch.from_numpy(ui.to_mnist(Image.open(path))).reshape(1, -1)
-    with torch.no_grad():
-        mean = model.encode(x, torch.tensor([7]))[0][0]
-    assert values == [ui.to_slider(v) for v in mean.tolist()]
-    assert np.array_equal(row, explorer.style_row_code(*values))
-
-
-def test_a_wide_page_lists_the_code_endpoints_beside_the_old_ones(tmp_path):
-    model, _ = wide_model(tmp_path / "wide.ckpt")
-    named = ui.build_app(model, WIDE_DIMS).get_api_info()["named_endpoints"]
-    assert {name: [p["parameter_name"] for p in named[name]["parameters"]] for name in named} == \
-        {**ENDPOINTS, **CODE_ENDPOINTS}
-    assert len(named["/random_code"]["returns"]) == 4 and len(named["/style_transfer_code"]["returns"]) == 5
-
-
-def page_image(page, selector: str) -> np.ndarray | None:
-    """The pixels of the picture the page shows at `selector`, fetched from its src; None when the page was just
-    replacing it (the old file gone, or the new one not yet whole)."""
+def fetch_picture(src: str) -> np.ndarray | None:
+    """The pixels of a picture the page shows, fetched from its src; None when the page was just replacing it (the old
+    file gone, or the new one not yet whole)."""
     import http.client
     import urllib.request
 
-    src = page.locator(f"{selector} img").get_attribute("src")
     try:
-        with urllib.request.urlopen(src, timeout=30) as response:
+        with urllib.request.urlopen(src, timeout=60) as response:
             return np.asarray(Image.open(io.BytesIO(response.read())))
     except (OSError, http.client.HTTPException):  # HTTPError, URLError, IncompleteRead, UnidentifiedImageError
         return None
 
 
-def test_a_wide_page_in_a_real_browser(tmp_path):
-    """A z-4 checkpoint in headless Chromium. Every event is proven by what the user then sees: which sliders move to
-    which values (all within their range), which digit is chosen, and that each picture is what the model draws for
-    the code the sliders now show."""
-    executable = browser_or_skip()
-    from playwright.sync_api import expect, sync_playwright
+class BrowserPage:
+    """The explorer's page in the browser as a user meets it, beside the Explorer that says what it must show."""
 
-    model, means = wide_model(tmp_path / "wide.ckpt")
-    explorer = ui.Explorer(model, WIDE_DIMS)
-    app = ui.build_app(model, WIDE_DIMS)
+    PICTURES = ("#digit-image", "#style-row", "#manifold")
+
+    def __init__(self, page, explorer: ui.Explorer):
+        self.page, self.explorer = page, explorer
+        main = dict(zip(explorer.dims, ("#z0", "#z1")))
+        self.boxes = [f"{main.get(i, f'#z-{i}')} input[type=number]" for i in range(explorer.latent_dim)]
+
+    def code(self) -> list[float]:
+        """The sliders' values in latent order, each within the sliders' range."""
+        values = [float(self.page.locator(box).input_value()) for box in self.boxes]
+        assert all(-ui.Z_RANGE <= v <= ui.Z_RANGE for v in values), values
+        return values
+
+    def digit(self) -> int:
+        return int(self.page.locator("#digit input[type=radio]:checked").input_value())
+
+    def pick(self, radio: str, digit: int) -> None:
+        from playwright.sync_api import expect
+
+        self.page.locator(f"{radio} label").filter(has_text=str(digit)).click()
+        expect(self.page.locator(f"{radio} input[type=radio]:checked")).to_have_value(str(digit), timeout=60_000)
+
+    def set_slider(self, dim: int, value: float) -> None:
+        from playwright.sync_api import expect
+
+        box = self.page.locator(self.boxes[dim])
+        box.fill(str(value))
+        box.press("Enter")
+        expect(box).to_have_value(str(value), timeout=60_000)
+
+    def wait_for_code(self, want: list[float], tol: float = 1e-6) -> None:
+        """Until every slider shows its value of `want` (within `tol`)."""
+        self.page.wait_for_function(
+            "([boxes, want, tol]) => boxes.every((box, i) =>"
+            " Math.abs(document.querySelector(box).value - want[i]) <= tol)",
+            arg=[self.boxes, list(want), tol], timeout=120_000)
+        assert self.code() == pytest.approx(want, abs=tol)
+
+    def pictures(self, digit: int, code: list[float]) -> dict[str, np.ndarray]:
+        """What the three pictures must be for this digit and code."""
+        return dict(zip(self.PICTURES, (self.explorer.generate_code(digit, *code),
+                                        self.explorer.style_row_code(*code),
+                                        self.explorer.manifold_code(digit, *code))))
+
+    def shows(self, digit: int, code: list[float]) -> None:
+        """Each picture becomes the model's for this digit and code: compared each time the page replaces it (the live
+        events draw the last change; an event that does not fire leaves the old picture, and the wait runs out)."""
+        for selector, want in self.pictures(digit, code).items():
+            src, shown = self.picture_shown(f"{selector} img")
+            while not same_pixels(shown, want):
+                src, shown = self.picture_shown(f"{selector} img", src)
+
+    def picture_shown(self, img: str, old: str | None = None) -> tuple[str, np.ndarray | None]:
+        """(src, pixels) of the picture at `img` once it is loaded and its src is not `old` (2 minutes at most); the
+        pixels are None when the server could not send them whole, even when asked again and again."""
+        src = self.page.wait_for_function(
+            "([img, old]) => { const i = document.querySelector(img);"
+            " return i && i.complete && i.getAttribute('src') !== old && i.getAttribute('src'); }",
+            arg=[img, old], timeout=120_000).json_value()
+        for _ in range(50):  # a busy server sometimes ends a response early (IncompleteRead)
+            shown = fetch_picture(src)
+            if shown is not None:
+                break
+        return src, shown
+
+    def encode(self, label: int, picture: Path | None = None) -> None:
+        """Name the digit `label` and encode `picture` (an upload), or the drawing when there is none."""
+        self.pick("#label", label)
+        if picture is not None:
+            self.page.get_by_role("tab", name="Upload").click()
+            self.page.locator("#upload input[type=file]").set_input_files(str(picture))
+            self.page.get_by_role("button", name="Encode this picture").click()
+        else:
+            self.page.get_by_role("tab", name="Draw").click()
+            self.page.get_by_role("button", name="Encode my drawing").click()
+
+
+def on_the_slider(value: float) -> float:
+    """Where a slider shows a value: clamped to the range, rounded to the step (0.0, not -0.0)."""
+    return min(max(round(value, 2), -ui.Z_RANGE), ui.Z_RANGE) + 0.0
+
+
+def push_encoder(model) -> torch.Tensor:
+    """Shift the model's posterior means by the returned vector (zeros until a test sets it): a test can then send the
+    code of any picture past the sliders' range, at either end."""
+    push = torch.zeros(model.hparams.latent_dim)
+    encode = model.encode
+
+    def pushed(x: torch.Tensor, y: torch.Tensor):
+        mean, logvar = encode(x, y)
+        return mean + push.to(mean), logvar
+
+    model.encode = pushed
+    return push
+
+
+@pytest.mark.parametrize("latent_dim", [2, 4])
+def test_every_page_event_in_a_real_browser(chromium, tmp_path, latent_dim):
+    """The page in headless Chromium, at z 2 and z 4. Every event is proven by what the user then sees: each slider's
+    change redraws the three pictures (the model's for the code the sliders show) and moves no other slider; the
+    digit's redraws them too; Random z sets every slider to the digit's sample, clamped to the range; an encode,
+    uploaded or drawn, sets the digit to the label the user named and every slider to the picture's code, clamped at
+    both ends of the range with a warning."""
+    from playwright.sync_api import expect
+
+    model, means = density_model(tmp_path / "cvae.ckpt", latent_dim)
+    push = push_encoder(model)
+    dims = WIDE_DIMS if latent_dim == 4 else None
+    explorer = ui.Explorer(model, dims)
+    app = ui.build_app(model, dims)
     url = launch_on_a_free_port(app)
-    by_dim = {1: "#z0", 3: "#z1", 0: "#z-0", 2: "#z-2"}  # the slider of each latent dimension
+    page = chromium.new_page(viewport={"width": 1280, "height": 1000})
     try:
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=executable, headless=True, args=CHROMIUM_ARGS)
-            try:
-                page = browser.new_page(viewport={"width": 1280, "height": 1000})
-                page.goto(url)
-                expect(page.locator("#digit-image img")).to_be_visible(timeout=60_000)
-                page.get_by_role("button", name=ui.OTHERS_TITLE).click()  # open the other dimensions
-                expect(page.locator("#z-2 input[type=number]")).to_be_visible(timeout=30_000)
-                assert page.locator("#z0 label, #z0 span").filter(has_text="z[1]").count() > 0
-
-                def code() -> list[float]:
-                    values = [float(page.locator(f"{by_dim[i]} input[type=number]").input_value()) for i in range(4)]
-                    assert all(-ui.Z_RANGE <= v <= ui.Z_RANGE for v in values), values
-                    return values
-
-                def digit() -> int:
-                    return int(page.locator("#digit input[type=radio]:checked").input_value())
-
-                ids = [f"{by_dim[i]} input[type=number]" for i in range(4)]
-
-                def wait_for_code(want: list[float], tol: float) -> None:
-                    page.wait_for_function(
-                        "([ids, want, tol]) => ids.every((id, i) =>"
-                        " Math.abs(parseFloat(document.querySelector(id).value) - want[i]) <= tol)",
-                        arg=[ids, want, tol], timeout=120_000)
-
-                def wait_until_every_slider_moves_from(before: list[float]) -> None:
-                    page.wait_for_function(
-                        "([ids, before]) => ids.every((id, i) => parseFloat(document.querySelector(id).value)"
-                        " !== before[i])", arg=[ids, before], timeout=120_000)
-
-                def shows(values: list[float], number: int) -> None:
-                    """The three pictures are the model's for this code and digit (after any pending update)."""
-                    want = {"#digit-image": explorer.generate_code(number, *values),
-                            "#style-row": explorer.style_row_code(*values),
-                            "#manifold": explorer.manifold_code(number, *values)}
-                    for selector, pixels in want.items():
-                        # The live pictures follow the last change: poll until it has landed (2 minutes at most).
-                        for _ in range(240):
-                            page.wait_for_function("() => [...document.images].every(image => image.complete)")
-                            shown = page_image(page, selector)
-                            if shown is not None and shown.shape == pixels.shape \
-                                    and np.abs(shown.astype(int) - pixels.astype(int)).max() <= 1:
-                                break
-                            page.wait_for_timeout(500)
-                        assert shown is not None, selector
-                        assert_same_pixels(shown, pixels)
-
-                shows([0.0] * 4, 7)
-
-                def set_slider(dim: int, value: float) -> None:
-                    box = page.locator(f"{by_dim[dim]} input[type=number]")
-                    box.fill(str(value))
-                    box.press("Enter")
-                    expect(box).to_have_value(str(value), timeout=30_000)
-
-                # Each slider, the other dimensions' and the main ones': it alone moves, and every picture follows.
-                want = [0.0] * 4
-                for dim, value in ((2, 1.25), (0, -0.75), (1, -0.5), (3, 2.0)):
-                    set_slider(dim, value)
-                    want[dim] = value
-                    assert code() == want and digit() == 7
-                    shows(code(), 7)
-
-                page.locator("#digit label").filter(has_text="2").click()
-                expect(page.locator("#digit input[type=radio]:checked")).to_have_value("2", timeout=30_000)
-                assert code() == want
-                shows(code(), 2)
-
-                page.get_by_role("button", name="Random z").click()  # a whole code of digit 2's narrow prior
-                wait_for_code(means[2].tolist(), 0.02)
-                assert digit() == 2
-                shows(code(), 2)
-
-                # An upload, told it is a 3: every slider at the picture's code, the digit 3, its row.
-                picture = digit_picture(tmp_path / "seven.png")
-                page.get_by_role("tab", name="Upload").click()
-                page.locator("#upload input[type=file]").set_input_files(str(picture))
-                page.locator("#label label").filter(has_text="3").click()
-                page.get_by_role("button", name="Encode this picture").click()
-                _, *want = explorer.style_transfer_code(str(picture), 3)
-                wait_for_code(want, 0.005)
-                expect(page.locator("#digit input[type=radio]:checked")).to_have_value("3", timeout=30_000)
-                shows(code(), 3)
-
-                # A drawing, told it is a 5: every slider moves to the drawing's code and the pictures follow.
-                page.get_by_role("tab", name="Draw").click()
-                page.locator("#label label").filter(has_text="5").click()
-                draw_a_seven(page)
-                before = code()
-                page.get_by_role("button", name="Encode my drawing").click()
-                wait_until_every_slider_moves_from(before)
-                expect(page.locator("#digit input[type=radio]:checked")).to_have_value("5", timeout=30_000)
-                shows(code(), 5)
-            finally:
-                browser.close()
+        page.goto(url)
+        expect(page.locator("#digit-image img")).to_be_visible(timeout=60_000)
+        if explorer.others:
+            page.get_by_role("button", name=ui.OTHERS_TITLE).click()
+            expect(page.locator("#z-2 input[type=number]")).to_be_visible(timeout=60_000)
+        user = BrowserPage(page, explorer)
+        user.shows(7, [0.0] * latent_dim)
+        check_sliders_and_digit(user)
+        check_random_z(user, means)
+        check_encodes(user, push, tmp_path)
     finally:
+        page.close()
         app.close()
+
+
+def check_sliders_and_digit(user: BrowserPage) -> None:
+    """Each slider in turn, the other dimensions' and the main ones': it alone moves, and every picture follows (each
+    one is a different picture for the new code, so a slider whose change redraws nothing fails). Then the digit."""
+    want = [0.0] * user.explorer.latent_dim
+    for dim in sorted(range(len(want)), key=lambda i: i in user.explorer.dims):  # the other dimensions first
+        before = user.pictures(7, want)
+        want[dim] = round(1.25 - 0.75 * dim, 2)
+        user.set_slider(dim, want[dim])
+        assert user.code() == want and user.digit() == 7
+        assert all(not np.array_equal(before[s], after) for s, after in user.pictures(7, want).items())
+        user.shows(7, want)
+    user.pick("#digit", 2)
+    assert user.code() == want
+    user.shows(2, want)
+
+
+def check_random_z(user: BrowserPage, means: torch.Tensor) -> None:
+    """Random z: every slider at the digit's narrow density, clamped to the range (digit 9's lies past both ends)."""
+    for digit in (2, 9):
+        user.pick("#digit", digit)
+        user.page.get_by_role("button", name="Random z").click()
+        user.wait_for_code([on_the_slider(v) for v in means[digit].tolist()], tol=0.02)
+        assert user.digit() == digit and (digit != 9 or {abs(v) for v in user.code()} == {ui.Z_RANGE})
+        user.shows(digit, user.code())
+
+
+def check_encodes(user: BrowserPage, push: torch.Tensor, tmp_path: Path) -> None:
+    """An upload and a drawing, each inside the range and then pushed past both ends of it: the digit becomes the
+    label the user named, every slider the picture's code (clamped, with the warning), and the pictures follow."""
+    from playwright.sync_api import expect
+
+    page, explorer = user.page, user.explorer
+    picture = digit_picture(tmp_path / "seven.png")
+    far = torch.tensor([6.0, -6.0, 0.0, 0.0][:explorer.latent_dim])  # past the top of z[0], the bottom of z[1]
+    for label, shift in ((3, 0.0), (8, far)):
+        push[:] = shift
+        x = explorer.model.observe(torch.from_numpy(ui.to_mnist(Image.open(picture))).reshape(1, -1))
+        with torch.no_grad():
+            code = explorer.model.encode(x, torch.tensor([label]))[0][0].tolist()
+        want = [on_the_slider(v) for v in code]
+        assert (want[:2] == [3.0, -3.0]) if label == 8 else max(map(abs, code)) < ui.Z_RANGE  # clamped, or inside
+        user.encode(label, picture)
+        user.wait_for_code(want)
+        expect(page.locator("#digit input[type=radio]:checked")).to_have_value(str(label), timeout=60_000)
+        if label == 8:
+            edge = ", ".join(f"{v:.2f}" for v in want)
+            expect(page.get_by_text(f"shown at the nearest edge ({edge})").first).to_be_visible(timeout=60_000)
+        else:
+            assert page.get_by_text("lies outside the sliders' range").count() == 0
+        user.shows(label, want)
+    # The drawing: its code inside the range, then the same drawing pushed past both ends (its other values kept).
+    push[:] = 0.0
+    page.get_by_role("tab", name="Draw").click()
+    draw_a_seven(page)
+    user.encode(5)
+    expect(page.locator("#digit input[type=radio]:checked")).to_have_value("5", timeout=60_000)
+    drawn = user.code()
+    user.shows(5, drawn)
+    push[:] = far
+    user.encode(5)
+    want = [on_the_slider(v + s) for v, s in zip(drawn, far.tolist())]
+    user.wait_for_code(want)
+    edge = ", ".join(f"{v:.2f}" for v in want)
+    expect(page.get_by_text(f"shown at the nearest edge ({edge})").first).to_be_visible(timeout=60_000)
+    user.shows(5, want)
