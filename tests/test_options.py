@@ -527,13 +527,13 @@ def test_eval_on_cuda_gives_the_cpu_numbers(evaluation, tiny_ckpt, data_dir, tmp
 # ----- gradio_test.py: its flags and the page's events ---------------------------------------------------------------
 LIVE = ("digit", "z0", "z1")
 # handler -> (the events that run it, its inputs, its outputs), components named by elem_id (buttons by their text)
-WIRING = {
-    "generate": ({(name, "change") for name in LIVE}, ["digit", "z0", "z1"], ["digit-image"]),
-    "style_row": ({("z0", "change"), ("z1", "change")}, ["z0", "z1"], ["style-row"]),
-    "manifold": ({(name, "change") for name in LIVE}, ["digit", "z0", "z1"], ["manifold"]),
-    "random_z": ({("random", "click")}, ["digit"], ["z0", "z1"]),
-    "style_transfer": ({("Encode this picture", "click")}, ["upload", "label"], ["style-row", "z0", "z1"]),
-    "style_transfer_sketch": ({("Encode my drawing", "click")}, ["sketch", "label"], ["style-row", "z0", "z1"]),
+WIRING = {  # at z 2 the whole code is (z0, z1): the page runs the code endpoints (gradio_test.wire)
+    "generate_code": ({(name, "change") for name in LIVE}, ["digit", "z0", "z1"], ["digit-image"]),
+    "style_row_code": ({("z0", "change"), ("z1", "change")}, ["z0", "z1"], ["style-row"]),
+    "manifold_code": ({(name, "change") for name in LIVE}, ["digit", "z0", "z1"], ["manifold"]),
+    "random_code": ({("random", "click")}, ["digit"], ["z0", "z1"]),
+    "style_transfer_code": ({("Encode this picture", "click")}, ["upload", "label"], ["style-row", "z0", "z1"]),
+    "style_transfer_sketch_code": ({("Encode my drawing", "click")}, ["sketch", "label"], ["style-row", "z0", "z1"]),
 }
 
 
@@ -561,15 +561,16 @@ def test_every_event_runs_its_handler_on_its_inputs_into_its_outputs(page):
         assert {(page.name(i), event) for i, event in fn.targets} == triggers, handler
         assert [page.name(b._id) for b in fn.inputs] == inputs, handler
         assert [page.name(b._id) for b in fn.outputs] == outputs, handler
-        assert fn.fn.__self__.model is page.model, handler
-        assert fn.trigger_mode == ("always_last" if handler in ("generate", "style_row", "manifold") else "once")
+        assert getattr(fn.fn, "__wrapped__", fn.fn).__self__.model is page.model, handler
+        assert fn.trigger_mode == ("always_last" if handler in ("generate_code", "style_row_code", "manifold_code")
+                                   else "once")
 
 
 def test_encoding_then_shows_the_digit_it_was_told(page):
     """After a successful encode (upload or drawing), the digit selector is set to the label the user gave; after a
     failed one it stays."""
     ids = {fn.fn.__name__: fn._id for fn in page.fns if fn.fn.__name__ in WIRING}
-    for handler in ("style_transfer", "style_transfer_sketch"):
+    for handler in ("style_transfer_code", "style_transfer_sketch_code"):
         (then,) = [fn for fn in page.fns if fn.trigger_after == ids[handler]]
         assert then.trigger_only_on_success, handler
         assert [page.name(b._id) for b in then.inputs] == ["label"] and [page.name(b._id) for b in then.outputs] == \
@@ -580,7 +581,7 @@ def test_encoding_then_shows_the_digit_it_was_told(page):
 def test_the_first_pictures_are_the_handlers_at_the_first_controls(page):
     """Before any event the page shows what the live handlers give for the controls' starting values (7, 0, 0): a
     picture built from other values would sit there until the user moves something."""
-    live = [fn for fn in page.fns if fn.fn.__name__ in ("generate", "style_row", "manifold")]
+    live = [fn for fn in page.fns if fn.fn.__name__ in ("generate_code", "style_row_code", "manifold_code")]
     assert {page.name(b._id): b.value for fn in live for b in fn.inputs} == {"digit": 7, "z0": 0.0, "z1": 0.0}
     for fn in live:
         want = fn.fn(*[block.value for block in fn.inputs])
@@ -598,7 +599,7 @@ def test_sketch_encodes_the_drawing_under_the_chosen_label(page, tmp_path):
     rgb = np.asarray(Image.open(path).convert("RGB"))
     blank = np.full_like(rgb, 255)
     sketch = {"background": blank, "layers": [rgb], "composite": rgb}
-    row, z0, z1 = explorer.style_transfer_sketch(sketch, 3)
+    row, z0, z1 = explorer.style_transfer_sketch_code(sketch, 3)
     x = torch.from_numpy(ui.to_mnist(Image.open(path))).reshape(1, -1)
     with torch.no_grad():
         mean = page.model.encode(x, torch.tensor([3]))[0][0]
