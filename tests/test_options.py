@@ -327,7 +327,7 @@ def test_metrics_name_the_checkpoint_seed_judge_and_model(evaluated, rich_run, o
     assert m["seed"] == EVAL_SEED and f"seed {EVAL_SEED}" in m["test"]["z"]
     assert m["model"] == {"latent_dim": LATENT, "kl_weight": KL_WEIGHT, "fitted_prior": PRIOR,
                           "sampling_prior": f"one mixture of {COMPONENTS} Gaussians for all digits, fitted to the "
-                                            f"training codes", "likelihood": "gaussian"}
+                                            f"training codes", "likelihood": "gaussian", "importance_samples": 1}
     assert m["prior_used"] == "fitted" and set(m["generation"]) == {"standard", "fitted"}
     assert m["classifier"]["features"].startswith("DigitCNN penultimate layer (128-d)")
 
