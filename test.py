@@ -61,8 +61,8 @@ def draw_figures(outputs: metrics.Outputs, out_dir: Path, seed: int, prior: str,
                  kl_warmup_epochs: float, run_name: str) -> list[Path]:
     """Write the figures into out_dir, each drawn from the evaluation's outputs (the model is not run here); `prior`
     is the samples' prior in words; training_curves.png from `curves` (the run's log), when it has any."""
-    num_classes, latent_dim = len(outputs.decodes.analogies[0]), outputs.means.shape[1]
-    decodes, dims = outputs.decodes, outputs.decodes.dims
+    decodes, dims, latent_dim = outputs.decodes, outputs.decodes.dims, outputs.means.shape[1]
+    num_classes = len(decodes.sample_grid)  # a row of samples per digit
     names = [latent_name(i, latent_dim) for i in dims]
     pairs = torch.stack([figures.first_of_each_digit(outputs.labels, num_classes, block) for block in (0, 1)])
     shown = len(decodes.analogies)  # analogies.png's rows: the first test images
