@@ -29,8 +29,8 @@ import torch
 from classifier import DigitCNN, features_and_predictions, fid
 from dataset import IMAGE_SIZE
 from latent import ACTIVITY_THRESHOLD, activity, active_units, informative_dims
-from model import (CVAE, elbo_loss, gaussian_nll_constant, importance_log_weights, importance_weighted_loss,
-                   kl_per_dim, nll_constant, reconstruction_nll, squared_error)
+from model import (CVAE, elbo_loss, gaussian_nll_constant, importance_weighted_loss, kl_per_dim, nll_constant,
+                   squared_error)
 from torch_utils import batched, eval_mode
 
 GAUSSIAN_CONSTANT = gaussian_nll_constant(IMAGE_SIZE ** 2)  # Gaussian loss units + this = nats (392 ln(pi) per image)
@@ -233,16 +233,13 @@ def iw_bound(model: CVAE, images: torch.Tensor, labels: torch.Tensor, means: tor
     samples grow. Noise comes from a generator seeded with `seed`, in the images' order, so the numbers repeat, and the
     same images get the same noise whatever their labels. Returns (N,) on the CPU.
     """
-    dev, d, likelihood = model.device, model.hparams.latent_dim, model.hparams.likelihood
+    dev, d = model.device, model.hparams.latent_dim
     gen = torch.Generator().manual_seed(seed)
 
     def bound(x, y, mean, logvar):  # one batch of B images -> (B,)
-        x, y, mean, logvar = x.to(dev).flatten(1), y.to(dev), mean.to(dev), logvar.to(dev)  # (B, 784), (B, d)
-        eps = torch.randn(iw_samples, len(x), d, generator=gen).to(dev)
-        z = model.reparameterize(mean, logvar, eps)  # (S, B, d)
-        recon = model.decode(z.reshape(-1, d), y.repeat(iw_samples))
-        nll = reconstruction_nll(recon, x.repeat(iw_samples, 1), likelihood).reshape(iw_samples, len(x))  # (S, B)
-        return importance_weighted_loss(importance_log_weights(nll, z, mean, logvar)).cpu()
+        eps = torch.randn(iw_samples, len(x), d, generator=gen).to(dev)  # (S, B, d)
+        log_w, _ = model.log_weights(x.to(dev), y.to(dev), mean.to(dev), logvar.to(dev), eps)
+        return importance_weighted_loss(log_w).cpu()
 
     with eval_mode(model):
         return batched(bound, images, labels, means, logvars, batch_size=batch_size)

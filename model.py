@@ -372,15 +372,25 @@ class CVAE(pl.LightningModule):
         negative K-sample bound (importance_log_weights, beta weighing the prior terms) as the loss, with plain
         reparameterised gradients, beside the ELBO's terms for the log: reconstruction averaged over the K samples,
         and the closed-form KL. Returns (loss, recon, kl), batch means."""
-        k, d = self.hparams.importance_samples, self.hparams.latent_dim
         y_onehot = F.one_hot(y, self.hparams.num_classes).to(x.dtype)  # (B, num_classes)
         mean, logvar = self.encoder(x.flatten(1), y_onehot)  # (B, d) each
-        z = self.reparameterize(mean, logvar, torch.randn(k, *mean.shape, dtype=mean.dtype, device=mean.device))
-        recon = self.decoder(z.reshape(-1, d), y_onehot.repeat(k, 1))  # (K * B, 784), sample-major
-        nll = reconstruction_nll(recon, x.flatten(1).repeat(k, 1), self.hparams.likelihood).reshape(k, -1)  # (K, B)
-        log_w = importance_log_weights(nll, z, mean, logvar, kl_weight)
+        eps = torch.randn(self.hparams.importance_samples, *mean.shape, dtype=mean.dtype, device=mean.device)
+        log_w, nll = self.log_weights(x, y, mean, logvar, eps, kl_weight)
         kl = kl_per_dim(mean, logvar).sum(dim=1).mean()
         return importance_weighted_loss(log_w).mean(), nll.mean(), kl
+
+    def log_weights(self, x: torch.Tensor, y: torch.Tensor, mean: torch.Tensor, logvar: torch.Tensor,
+                    eps: torch.Tensor, kl_weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """The importance weights of K samples z = mean + sigma * eps (eps: (K, B, latent)) from q(z | x, y) for B
+        images x (as the model scores them) under integer labels y, decoded in the model's current mode: (log w, each
+        sample's -log p(x | z, y)), both (K, B) (importance_log_weights). The training step and metrics.iw_bound both
+        call this."""
+        k, d = eps.shape[0], eps.shape[-1]
+        z = self.reparameterize(mean, logvar, eps)  # (K, B, d)
+        y_onehot = F.one_hot(y, self.hparams.num_classes).to(z.dtype).repeat(k, 1)  # sample-major, as z.reshape
+        recon = self.decoder(z.reshape(-1, d), y_onehot)  # (K * B, 784)
+        nll = reconstruction_nll(recon, x.flatten(1).repeat(k, 1), self.hparams.likelihood).reshape(k, -1)
+        return importance_log_weights(nll, z, mean, logvar, kl_weight), nll
 
     def _log_epoch_means(self, stage: str) -> None:
         # Lightning computes each metric (averaged over all processes under DDP) and resets it for the next epoch.
